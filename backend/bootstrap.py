@@ -1,0 +1,68 @@
+"""Loads the model and wires engine, metrics and service into the server state."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import structlog
+
+from backend.api.server import BackendState
+from backend.config import EngineConfig
+from backend.engine.async_engine import AsyncEngine
+from backend.engine.core import EngineCore
+from backend.executor.model_runner import ModelRunner
+from backend.kv_cache.manager import KVCacheManager
+from backend.scheduler.scheduler import Scheduler
+from backend.serving.generation import GenerationService
+from backend.serving.metrics import EngineMetrics
+
+log = structlog.get_logger(__name__)
+
+
+def build_service(config: EngineConfig) -> tuple[GenerationService, ModelRunner]:
+    """Load weights and build every engine part; blocking, call off the event loop."""
+    runner = ModelRunner(config.model, config.cache, config.scheduler)
+    kv = KVCacheManager(
+        runner.num_blocks,
+        runner.block_size,
+        enable_prefix_caching=config.cache.enable_prefix_caching,
+    )
+    scheduler_config = config.scheduler
+    if runner.max_model_len != scheduler_config.max_model_len:
+        from dataclasses import replace
+
+        scheduler_config = replace(scheduler_config, max_model_len=runner.max_model_len)
+    scheduler = Scheduler(scheduler_config, kv)
+    core = EngineCore(scheduler, runner)
+    engine = AsyncEngine(core)
+    metrics = EngineMetrics(config.model.served_names[0], lambda: engine.stats)
+    service = GenerationService(
+        engine, runner.tokenizer, max_model_len=runner.max_model_len, metrics=metrics
+    )
+    runner.warmup()
+    return service, runner
+
+
+async def load_into(state: BackendState, config: EngineConfig) -> None:
+    """Load the model in a worker thread, start the engine and mark the state ready."""
+    started = time.monotonic()
+    try:
+        service, runner = await asyncio.to_thread(build_service, config)
+    except Exception:
+        log.exception("model_load_failed")
+        # A backend that cannot load its model must not look alive.
+        os._exit(3)
+    service.engine.start()
+    state.service = service
+    state.ready = True
+    log.info(
+        "backend_ready",
+        seconds=round(time.monotonic() - started, 2),
+        num_kv_blocks=runner.num_blocks,
+        max_model_len=runner.max_model_len,
+        device=config.model.device,
+        dtype=config.model.dtype,
+        quant=config.model.quant,
+    )

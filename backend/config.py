@@ -1,0 +1,59 @@
+"""Engine configuration: the knobs `tollgate backend --help` documents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Quant = Literal["none", "int4", "fp8"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits the scheduler enforces on every step."""
+
+    max_num_seqs: int = 32
+    """Most requests running (holding KV blocks) at once."""
+    max_num_batched_tokens: int = 512
+    """Per-step token budget: decodes take one each, prefills are chunked into the rest."""
+    max_waiting: int = 256
+    """Most requests waiting for admission; one more is refused (HTTP 429)."""
+    max_model_len: int = 2048
+    """Longest prompt + completion, in tokens."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Size and shape of the paged KV cache."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks in the pool; when None, derived from `cache_bytes`."""
+    cache_bytes: int = 256 * 1024 * 1024
+    """KV pool size in bytes, used when `num_blocks` is None."""
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to run and how."""
+
+    path: str | None = None
+    """A GGUF file or a Hugging Face safetensors folder; None means the bundled SmolLM2."""
+    served_names: tuple[str, ...] = ("smollm2",)
+    dtype: DType = "bfloat16"
+    device: str = "cpu"
+    quant: Quant = "none"
+    num_threads: int | None = None
+    """torch intra-op threads on CPU; None keeps torch's default."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)

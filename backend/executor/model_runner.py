@@ -1,0 +1,173 @@
+"""Runs scheduler steps on the model: owns the weights, the paged KV cache and sampling."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from backend.config import CacheConfig, ModelConfig, SchedulerConfig
+from backend.engine.request import SamplingParams
+from backend.executor.sampling import Sampler
+from backend.models.llama import AttentionGroup, BatchMetadata, KVCache, LlamaConfig
+from backend.models.loader import load_model, resolve_model_dir
+from backend.scheduler.output import ModelOutput, ScheduledChunk, SchedulerOutput
+from backend.tokenizer import Tokenizer
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _long(values: Sequence[int], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _attention_group(
+    members: list[tuple[ScheduledChunk, int]], block_size: int, device: torch.device
+) -> AttentionGroup:
+    """Pad the member chunks to a common query length and context length."""
+    q_len = max(len(chunk.token_ids) for chunk, _ in members)
+    num_ctx_blocks = max(
+        math.ceil((chunk.start_pos + len(chunk.token_ids)) / block_size) for chunk, _ in members
+    )
+    query_index: list[int] = []
+    pad_index: list[int] = []
+    token_index: list[int] = []
+    tables: list[list[int]] = []
+    for row, (chunk, offset) in enumerate(members):
+        n = len(chunk.token_ids)
+        query_index.extend(offset + min(i, n - 1) for i in range(q_len))
+        pad_index.extend(row * q_len + i for i in range(n))
+        token_index.extend(offset + i for i in range(n))
+        needed = math.ceil((chunk.start_pos + n) / block_size)
+        if needed > len(chunk.block_ids):
+            raise ValueError(f"request {chunk.request_id} has too few blocks for its tokens")
+        tables.append(chunk.block_ids[:needed] + [0] * (num_ctx_blocks - needed))
+    starts = _long([chunk.start_pos for chunk, _ in members], device).unsqueeze(1)
+    lengths = _long([len(chunk.token_ids) for chunk, _ in members], device).unsqueeze(1)
+    slots = torch.arange(q_len, device=device).unsqueeze(0)
+    keys = torch.arange(num_ctx_blocks * block_size, device=device)
+    causal = keys.view(1, 1, -1) <= (starts + slots).unsqueeze(-1)
+    # Padding query slots attend to key 0 only, so no row of the softmax is empty.
+    mask = torch.where((slots < lengths).unsqueeze(-1), causal, keys.view(1, 1, -1) == 0)
+    return AttentionGroup(
+        query_index=_long(query_index, device),
+        block_tables=_long([b for table in tables for b in table], device).view(len(members), -1),
+        mask=mask,
+        pad_index=_long(pad_index, device),
+        token_index=_long(token_index, device),
+    )
+
+
+def prepare_batch(
+    chunks: Sequence[ScheduledChunk], block_size: int, device: torch.device
+) -> tuple[Tensor, BatchMetadata]:
+    """Flatten the step's chunks into token ids and attention metadata.
+
+    Single-token chunks (decodes) and longer chunks (prefills) form separate
+    attention groups so that decodes are not padded to a prefill's length.
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_index: list[int] = []
+    decodes: list[tuple[ScheduledChunk, int]] = []
+    prefills: list[tuple[ScheduledChunk, int]] = []
+    for chunk in chunks:
+        offset, n = len(input_ids), len(chunk.token_ids)
+        input_ids.extend(chunk.token_ids)
+        span = range(chunk.start_pos, chunk.start_pos + n)
+        positions.extend(span)
+        slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size for p in span)
+        (decodes if n == 1 else prefills).append((chunk, offset))
+        if chunk.sample:
+            logits_index.append(offset + n - 1)
+    groups = tuple(_attention_group(g, block_size, device) for g in (decodes, prefills) if g)
+    meta = BatchMetadata(
+        positions=_long(positions, device),
+        slot_mapping=_long(slots, device),
+        groups=groups,
+        logits_index=_long(logits_index, device),
+    )
+    return _long(input_ids, device), meta
+
+
+class ModelRunner:
+    """Loads the model and KV cache, and executes one `SchedulerOutput` per call."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        scheduler_config: SchedulerConfig,
+    ) -> None:
+        if model_config.num_threads:
+            torch.set_num_threads(model_config.num_threads)
+        self.device = torch.device(model_config.device)
+        self.dtype = TORCH_DTYPES[model_config.dtype]
+        self.model_dir = resolve_model_dir(model_config.path)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        config = LlamaConfig.from_file(self.model_dir / "config.json")
+        self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
+        self.model = load_model(
+            self.model_dir, self.dtype, self.device, model_config.quant, self.max_model_len
+        )
+        self.block_size = cache_config.block_size
+        block_shape = (self.block_size, config.num_kv_heads, config.head_dim)
+        bytes_per_block = (
+            2 * config.num_layers * math.prod(block_shape) * self.dtype.itemsize
+        )
+        self.num_blocks = cache_config.num_blocks or cache_config.cache_bytes // bytes_per_block
+        if self.num_blocks < 1:
+            raise ValueError("the KV cache is too small for a single block")
+        self.kv_caches: list[KVCache] = [
+            (
+                torch.zeros((self.num_blocks, *block_shape), dtype=self.dtype, device=self.device),
+                torch.zeros((self.num_blocks, *block_shape), dtype=self.dtype, device=self.device),
+            )
+            for _ in range(config.num_layers)
+        ]
+        self.sampler = Sampler(self.device)
+
+    def compute_logits(self, chunks: Sequence[ScheduledChunk]) -> Tensor:
+        """Run the chunks; return float32 logits `[S, vocab]` for those with `sample=True`."""
+        with torch.inference_mode():
+            input_ids, meta = prepare_batch(chunks, self.block_size, self.device)
+            return self.model(input_ids, meta, self.kv_caches)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
+        """Run one step and sample a token for every chunk with `sample=True`."""
+        for request_id in scheduler_output.preempted_ids:
+            self.release(request_id)
+        chunks = scheduler_output.chunks
+        if not chunks:
+            return ModelOutput()
+        with torch.inference_mode():
+            logits = self.compute_logits(chunks)
+            sampled = [c for c in chunks if c.sample]
+            if not sampled:
+                return ModelOutput()
+            tokens = self.sampler(
+                logits, [c.sampling for c in sampled], [c.num_generated for c in sampled]
+            ).tolist()
+        return ModelOutput(sampled={c.request_id: t for c, t in zip(sampled, tokens, strict=True)})
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished or preempted request.
+
+        The runner keeps no per-request state: KV blocks belong to the scheduler and
+        sampling seeds derive from each chunk, so there is nothing to drop.
+        """
+
+    def warmup(self) -> None:
+        """Run a short prefill and a decode so the first real request is not slow."""
+        n = min(2 * self.block_size, self.max_model_len - 1)
+        blocks = list(range(min(self.num_blocks, math.ceil((n + 1) / self.block_size))))
+        if len(blocks) * self.block_size < n + 1:
+            return
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        prefill = ScheduledChunk("warmup", [0] * n, 0, blocks, True, params, 0)
+        decode = ScheduledChunk("warmup", [0], n, blocks, True, params, 1)
+        self.execute(SchedulerOutput(chunks=[prefill]))
+        self.execute(SchedulerOutput(chunks=[decode]))

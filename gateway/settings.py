@@ -1,0 +1,80 @@
+"""Gateway settings: one frozen object, built from the environment or the CLI."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.auth.settings import AuthSettings
+
+DEV_SECRET_ENV = "TOLLGATE_DEV_SECRET_FILE"
+
+
+class GatewaySettings(BaseModel):
+    """Everything `create_app` needs.
+
+    Environment variables (all optional): `TOLLGATE_HOST`, `TOLLGATE_PORT`,
+    `TOLLGATE_TENANTS_DIR`, `TOLLGATE_POLICIES_DIR`, `TOLLGATE_MAX_BODY_BYTES`,
+    `TOLLGATE_POLICY_POLL_S`, `TOLLGATE_LOG_LEVEL`, plus the `TOLLGATE_JWT_*`
+    family read by `AuthSettings.from_env`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tenants_dir: Path = Path("tenants")
+    policies_dir: Path = Path("policies")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    policy_poll_s: float = Field(default=0.5, gt=0)
+    log_level: str = "info"
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Read `TOLLGATE_*` variables; unset ones keep their defaults."""
+        env = os.environ if environ is None else environ
+        names = {
+            "TOLLGATE_HOST": "host",
+            "TOLLGATE_PORT": "port",
+            "TOLLGATE_TENANTS_DIR": "tenants_dir",
+            "TOLLGATE_POLICIES_DIR": "policies_dir",
+            "TOLLGATE_MAX_BODY_BYTES": "max_body_bytes",
+            "TOLLGATE_POLICY_POLL_S": "policy_poll_s",
+            "TOLLGATE_LOG_LEVEL": "log_level",
+        }
+        values: dict[str, object] = {f: env[k] for k, f in names.items() if env.get(k)}
+        values["auth"] = AuthSettings.from_env(env)
+        return cls.model_validate(values)
+
+
+def dev_secret_path() -> Path:
+    """Where the development HMAC key lives: `$TOLLGATE_DEV_SECRET_FILE`, else
+    `$XDG_CONFIG_HOME/tollgate/dev-jwt-secret`."""
+    explicit = os.environ.get(DEV_SECRET_ENV)
+    if explicit:
+        return Path(explicit)
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "tollgate" / "dev-jwt-secret"
+
+
+def ensure_dev_secret() -> Path:
+    """Create the development key once (random, mode 0600) and return its path.
+
+    A random per-machine key, not a constant in the source: a development
+    gateway that is exposed by mistake still cannot be called with a token
+    minted from public knowledge.
+    """
+    path = dev_secret_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+        os.replace(tmp, path)
+    return path

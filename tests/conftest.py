@@ -1,0 +1,92 @@
+"""Fixtures every test layer shares: real processes, settings and tokens."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import REPO, BackendProcess, InProcessGateway, RedisServer
+
+TEST_SECRET = "tollgate-test-secret-0123456789-abcdefghijklmnop"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a random port, stopped after the test."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[BackendProcess]:
+    """One backend process with the bundled model, shared by the session."""
+    proc = BackendProcess("--max-model-len", "2048")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def policy_dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """Private copies of the shipped tenants/ and policies/ a test may edit."""
+    tenants = tmp_path / "tenants"
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO / "tenants", tenants)
+    shutil.copytree(REPO / "policies", policies)
+    return tenants, policies
+
+
+def gateway_env(backend_url: str, tenants: Path, policies: Path) -> dict[str, str]:
+    """Environment for a gateway in front of `backend_url` with the test key."""
+    return {
+        "TOLLGATE_BACKEND_URL": backend_url,
+        "TOLLGATE_TENANTS_DIR": str(tenants),
+        "TOLLGATE_POLICIES_DIR": str(policies),
+        "TOLLGATE_JWT_HS_SECRET": TEST_SECRET,
+        "TOLLGATE_POLICY_POLL_S": "0.2",
+    }
+
+
+@pytest.fixture
+def mint() -> Callable[..., str]:
+    """Mint a token the test gateways accept."""
+    from gateway.auth.minting import mint_token
+    from gateway.auth.settings import AuthSettings
+
+    settings = AuthSettings(hs_secret=TEST_SECRET)
+
+    def _mint(tenant: str = "acme", **kwargs: object) -> str:
+        return mint_token(settings, tenant=tenant, **kwargs)  # type: ignore[arg-type]
+
+    return _mint
+
+
+@pytest.fixture
+def gateway(
+    backend: BackendProcess, policy_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcessGateway]:
+    """The gateway in-process, in front of the shared backend."""
+    from gateway.settings import GatewaySettings
+
+    env = gateway_env(backend.url, *policy_dirs)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gw = InProcessGateway(GatewaySettings.from_env(env))
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
