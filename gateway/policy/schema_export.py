@@ -22,22 +22,37 @@ SCHEMA_FILES: Mapping[str, str] = {
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
+def _allow_env_references(node: Any) -> None:
+    # Files hold ${VAR} before expansion, so a patterned string (a URL, a name)
+    # must also accept a value that contains a reference.
+    if isinstance(node, dict):
+        if node.get("type") == "string" and isinstance(node.get("pattern"), str):
+            node["pattern"] = f"(?:{node['pattern']})|\\$\\{{"
+        for value in node.values():
+            _allow_env_references(value)
+    elif isinstance(node, list):
+        for item in node:
+            _allow_env_references(item)
+
+
 def tenant_json_schema() -> dict[str, Any]:
-    """JSON Schema of one ``tenants/<id>.yaml`` file."""
+    """JSON Schema of one ``tenants/<id>.yaml`` file (before ``${VAR}`` expansion)."""
     schema = TenantFile.model_json_schema()
+    _allow_env_references(schema)
     schema["$schema"] = _DIALECT
     schema["title"] = "Tollgate tenant"
     return schema
 
 
 def policy_json_schema() -> dict[str, Any]:
-    """JSON Schema of one ``policies/*.yaml`` file.
+    """JSON Schema of one ``policies/*.yaml`` file (before ``${VAR}`` expansion).
 
     No top-level key is required here: the keys may be split across files,
     and the loader checks that together they define all of them.
     """
     schema = PolicyDocument.model_json_schema()
     schema.pop("required", None)
+    _allow_env_references(schema)
     schema["$schema"] = _DIALECT
     schema["title"] = "Tollgate policy file"
     return schema

