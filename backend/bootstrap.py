@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import replace
 
 import structlog
 
@@ -29,17 +30,15 @@ def build_service(config: EngineConfig) -> tuple[GenerationService, ModelRunner]
         runner.block_size,
         enable_prefix_caching=config.cache.enable_prefix_caching,
     )
-    scheduler_config = config.scheduler
-    if runner.max_model_len != scheduler_config.max_model_len:
-        from dataclasses import replace
-
-        scheduler_config = replace(scheduler_config, max_model_len=runner.max_model_len)
+    # A request must fit the whole KV pool, or it would wait forever.
+    max_model_len = min(runner.max_model_len, runner.num_blocks * runner.block_size)
+    scheduler_config = replace(config.scheduler, max_model_len=max_model_len)
     scheduler = Scheduler(scheduler_config, kv)
     core = EngineCore(scheduler, runner)
     engine = AsyncEngine(core)
     metrics = EngineMetrics(config.model.served_names[0], lambda: engine.stats)
     service = GenerationService(
-        engine, runner.tokenizer, max_model_len=runner.max_model_len, metrics=metrics
+        engine, runner.tokenizer, max_model_len=max_model_len, metrics=metrics
     )
     runner.warmup()
     return service, runner
@@ -61,7 +60,7 @@ async def load_into(state: BackendState, config: EngineConfig) -> None:
         "backend_ready",
         seconds=round(time.monotonic() - started, 2),
         num_kv_blocks=runner.num_blocks,
-        max_model_len=runner.max_model_len,
+        max_model_len=service.max_model_len,
         device=config.model.device,
         dtype=config.model.dtype,
         quant=config.model.quant,

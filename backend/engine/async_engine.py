@@ -37,6 +37,7 @@ class _Abort:
 
 
 _Command = _Add | _Abort | None
+_IDLE_WAIT_S = 0.005
 
 
 class AsyncEngine:
@@ -116,10 +117,23 @@ class AsyncEngine:
                 self._stats = self._core.scheduler.stats()
                 if updates:
                     self._deliver(updates)
+                elif not self._drain_for(_IDLE_WAIT_S):
+                    # Nothing could run (every waiting request needs blocks
+                    # that are not free yet): wait for a command, not spin.
+                    return
         except BaseException as exc:  # the thread must report, not vanish
             log.exception("engine_thread_failed")
             self._failure = exc
             self._fail_all(exc)
+
+    def _drain_for(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for one command, then apply the rest."""
+        try:
+            cmd = self._commands.get(timeout=timeout_s)
+        except queue.Empty:
+            return True
+        self._commands.put(cmd)
+        return self._drain(block=False)
 
     def _drain(self, *, block: bool) -> bool:
         """Apply queued commands; False means stop."""

@@ -56,7 +56,9 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a new request.
 
-        Raises QueueFullError when `max_waiting` requests already wait, and
+        Raises QueueFullError when `max_waiting` requests already wait (preempted
+        requests go back to the queue even past that limit: they were admitted
+        once and cannot be refused), and
         ValueError for a request that could never complete: a duplicate id, an
         empty prompt, `max_tokens < 1`, a prompt that leaves no room below
         `max_model_len`, or one needing more KV blocks than the pool has.
@@ -112,13 +114,14 @@ class Scheduler:
                 preempted_ids.append(victim.request_id)
                 if victim is request:
                     break
-            else:
+            else:  # allocated without preempting `request` itself
                 req_to_num_tokens[request.request_id] = num_new
                 budget -= num_new
 
-        # Admitting right after preempting would only thrash the cache.
+        # A step that had to preempt has no blocks to spare, and admitting now
+        # could hand the blocks straight back to the request just preempted.
         if not preempted_ids:
-            budget = self._admit_waiting(budget, req_to_num_tokens)
+            self._admit_waiting(budget, req_to_num_tokens)
 
         chunks = [self._make_chunk(rid, n) for rid, n in req_to_num_tokens.items()]
         return SchedulerOutput(chunks=chunks, preempted_ids=preempted_ids)
@@ -232,8 +235,8 @@ class Scheduler:
                 f"the pool has {self.kv.num_blocks}"
             )
 
-    def _admit_waiting(self, budget: int, req_to_num_tokens: dict[str, int]) -> int:
-        """Admit waiting requests in (priority, arrival) order; returns the budget left.
+    def _admit_waiting(self, budget: int, req_to_num_tokens: dict[str, int]) -> None:
+        """Admit waiting requests in (priority, arrival) order within `budget` tokens.
 
         Stops at the first request that does not fit, so a large request at the
         head is not overtaken forever by smaller ones behind it.
@@ -257,7 +260,6 @@ class Scheduler:
             self.running.append(request)
             req_to_num_tokens[request.request_id] = num_new
             budget -= num_new
-        return budget
 
     def _make_chunk(self, request_id: str, num_tokens: int) -> ScheduledChunk:
         request = self.requests[request_id]

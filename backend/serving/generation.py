@@ -99,42 +99,37 @@ class GenerationService:
 
         Raises Overloaded when the waiting queue is full, before any text.
         """
-        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(request.sampling.stop)
-        stop_ids = request.sampling.stop_token_ids
         started = time.monotonic()
         last = started
         first = True
         try:
             async for update in self.engine.generate(request):
                 state.cached_tokens = max(update.num_cached_tokens, 0)
-                new_ids = update.new_token_ids
-                state.completion_tokens += len(new_ids)
-                now = time.monotonic()
-                if new_ids:
+                state.completion_tokens += len(update.new_token_ids)
+                if update.new_token_ids:
+                    now = time.monotonic()
                     if first:
                         self.metrics.observe_first_token(now - started)
                         first = False
                     else:
-                        self.metrics.observe_inter_token(now - last, len(new_ids))
+                        self.metrics.observe_inter_token(now - last, len(update.new_token_ids))
                     last = now
-                if update.finish_reason == "stop" and new_ids and new_ids[-1] in stop_ids:
-                    new_ids = new_ids[:-1]
-                text = stops.feed(detok.push(new_ids)) if new_ids else ""
+                printable = update.printable_token_ids
+                text = stops.feed(detok.push(printable)) if printable else ""
+                if not stops.stopped and update.finished:
+                    text += stops.feed(detok.flush())
+                    if not stops.stopped:
+                        text += stops.flush()
                 if stops.stopped:
                     state.finish_reason = "stop"
-                    if text:
-                        yield text
-                    return
-                if update.finished:
+                elif update.finished:
                     state.finish_reason = "length" if update.finish_reason == "length" else "stop"
-                    text += stops.feed(detok.flush()) if not stops.stopped else ""
-                    text += "" if stops.stopped else stops.flush()
-                    if text:
-                        yield text
-                    return
                 if text:
                     yield text
+                if state.finish_reason is not None:
+                    return
         except QueueFullError as exc:
             raise Overloaded("the backend's waiting queue is full; retry later") from exc
         finally:

@@ -117,7 +117,7 @@ class AuthSettings(BaseModel):
         - ``TOLLGATE_JWT_TENANT_CLAIM``, ``TOLLGATE_JWT_APP_CLAIM``,
           ``TOLLGATE_JWT_ROLES_CLAIM``: the claim names carrying tenant, app and roles.
 
-        Raises ``pydantic.ValidationError`` on a bad value.
+        Raises ValueError (``pydantic.ValidationError`` for field values) on a bad value.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

@@ -91,7 +91,7 @@ class Authenticator:
                 raise _invalid("wrong issuer") from None
             except jwt.MissingRequiredClaimError as exc:
                 raise _invalid(f"missing required claim {exc.claim!r}") from None
-            except (jwt.InvalidTokenError, jwt.InvalidKeyError):
+            except jwt.PyJWTError:
                 raise _invalid("malformed token") from None
         raise _invalid("signature verification failed")
 

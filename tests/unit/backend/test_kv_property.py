@@ -176,7 +176,9 @@ def simulate(
         history = received[rid]
         assert history[-1].finished
         tokens = [t for u in history for t in u.new_token_ids]
-        expected, reason = reference_output(request.prompt_token_ids, request.sampling, max_model_len)
+        expected, reason = reference_output(
+            request.prompt_token_ids, request.sampling, max_model_len
+        )
         if rid in aborted:
             assert history[-1].finish_reason == "abort"
             assert tokens == expected[: len(tokens)]

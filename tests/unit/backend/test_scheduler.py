@@ -132,7 +132,9 @@ def tokens_of(updates: list[RequestUpdate]) -> list[int]:
     return [t for u in updates for t in u.new_token_ids]
 
 
-def step_once(scheduler: Scheduler, executor: SlotExecutor) -> tuple[SchedulerOutput, list[RequestUpdate]]:
+def step_once(
+    scheduler: Scheduler, executor: SlotExecutor
+) -> tuple[SchedulerOutput, list[RequestUpdate]]:
     out = scheduler.schedule()
     model_output = executor.execute(out) if out.chunks else ModelOutput()
     return out, scheduler.update_from_output(out, model_output)
@@ -167,7 +169,7 @@ def test_token_budget_chunks_prefills_and_admits_in_order() -> None:
 
 
 def test_long_prefill_never_stalls_running_decodes() -> None:
-    core, sched, ex = make_core(max_num_batched_tokens=8)
+    _, sched, ex = make_core(max_num_batched_tokens=8)
     for i in range(4):
         sched.add_request(make_request(f"d{i}", [i, i + 1], max_tokens=30, arrival_time=i))
     step_once(sched, ex)  # all four prefill in one step
@@ -199,7 +201,7 @@ def test_decodes_go_before_prefills_whatever_the_running_order() -> None:
 
 
 def test_admission_by_priority_then_arrival() -> None:
-    core, sched, ex = make_core(max_num_seqs=2)
+    _, sched, ex = make_core(max_num_seqs=2)
     sched.add_request(make_request("late-low", [1, 2], max_tokens=2, priority=1, arrival_time=1))
     sched.add_request(make_request("early-low", [1, 3], max_tokens=2, priority=1, arrival_time=0))
     sched.add_request(make_request("late-high", [1, 4], max_tokens=2, priority=0, arrival_time=3))
@@ -214,7 +216,7 @@ def test_admission_by_priority_then_arrival() -> None:
 
 
 def test_max_num_seqs_caps_running_requests() -> None:
-    core, sched, ex = make_core(max_num_seqs=2)
+    _, sched, ex = make_core(max_num_seqs=2)
     for i in range(5):
         sched.add_request(make_request(f"r{i}", [i, 1, 2], max_tokens=3, arrival_time=i))
     seen_running = []
@@ -353,11 +355,15 @@ def test_an_already_scheduled_victim_loses_its_chunk() -> None:
 
 
 def test_every_request_finishes_with_the_same_tokens_under_memory_pressure() -> None:
-    prompts = {f"r{i}": [(i * 7 + j * 3) % VOCAB for j in range(3 + (i * 5) % 17)] for i in range(12)}
+    prompts = {
+        f"r{i}": [(i * 7 + j * 3) % VOCAB for j in range(3 + (i * 5) % 17)] for i in range(12)
+    }
     max_tokens = {rid: 4 + (i * 3) % 13 for i, rid in enumerate(prompts)}
 
     def run(num_blocks: int, budget: int) -> tuple[dict[str, list[int]], int]:
-        core, sched, _ = make_core(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget)
+        core, sched, _ = make_core(
+            num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget
+        )
         for i, (rid, prompt) in enumerate(prompts.items()):
             core.add_request(make_request(rid, prompt, max_tokens[rid], arrival_time=i))
         updates = run_to_completion(core)
@@ -412,6 +418,7 @@ def test_max_tokens_and_max_model_len_finish_with_length() -> None:
     assert updates["m"][-1].finish_reason == "length"
     assert by_len.status is RequestStatus.FINISHED_LENGTH
     assert [u.finished for u in updates["m"]] == [False, False, False, True]
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
 
 
 # --- aborts -------------------------------------------------------------

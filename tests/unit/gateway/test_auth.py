@@ -36,9 +36,10 @@ LONG_SECRET = "L" * 64
 
 
 def pem(public_key: Any) -> bytes:
-    return public_key.public_bytes(
+    data: bytes = public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return data
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +266,7 @@ async def test_oversized_token(tmp_path: Path) -> None:
 
 
 async def test_missing_tenant_claim() -> None:
-    settings, auth = hs_auth()
+    _, auth = hs_auth()
     claims = base_claims()
     del claims["tenant"]
     token = jwt.encode(claims, SECRET, algorithm="HS256")
@@ -274,13 +275,13 @@ async def test_missing_tenant_claim() -> None:
 
 @pytest.mark.parametrize("value", ["", "   ", 42, ["acme"]])
 async def test_tenant_claim_must_be_non_empty_string(value: Any) -> None:
-    settings, auth = hs_auth()
+    _, auth = hs_auth()
     token = jwt.encode(base_claims(tenant=value), SECRET, algorithm="HS256")
     await assert_401(auth, f"Bearer {token}", "invalid_token", "tenant")
 
 
 async def test_custom_claim_names() -> None:
-    settings, auth = hs_auth(tenant_claim="org", app_claim="client", roles_claim="scope")
+    _, auth = hs_auth(tenant_claim="org", app_claim="client", roles_claim="scope")
     token = jwt.encode(
         {**base_claims(), "org": "globex", "client": "cli", "scope": "finance openid"},
         SECRET,
@@ -307,7 +308,9 @@ async def test_es256_happy_path_and_curve_check(
     tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
     (tmp_path / "ec.pem").write_bytes(pem(ec_key.public_key()))
-    settings = AuthSettings(algorithms=["ES256", "ES384"], public_key_files={"ec1": tmp_path / "ec.pem"})
+    settings = AuthSettings(
+        algorithms=["ES256", "ES384"], public_key_files={"ec1": tmp_path / "ec.pem"}
+    )
     auth = Authenticator(settings, KeyResolver(settings))
     token = mint_token(settings, tenant="acme", key=ec_key, algorithm="ES256", kid="ec1")
     assert (await auth.authenticate(f"Bearer {token}")).tenant_id == "acme"
@@ -351,11 +354,11 @@ async def test_hs_secret_file(tmp_path: Path) -> None:
 
 
 def jwk_of(private_key: Any, kid: str) -> dict[str, Any]:
-    algorithm = jwt.algorithms.RSAAlgorithm if isinstance(private_key, rsa.RSAPrivateKey) else None
-    if algorithm is not None:
-        entry = json.loads(algorithm.to_jwk(private_key.public_key()))
+    public = private_key.public_key()
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        entry: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))
     else:
-        entry = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(private_key.public_key()))
+        entry = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(public))
     entry["kid"] = kid
     return entry
 

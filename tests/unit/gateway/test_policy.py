@@ -16,9 +16,9 @@ import yaml
 from gateway.policy.errors import PolicyError, PolicyIssue
 from gateway.policy.loader import expand_env, load_policy
 from gateway.policy.schema_export import (
+    policy_json_schema,
     render_json_schemas,
     tenant_json_schema,
-    policy_json_schema,
     validate_paths,
     write_json_schemas,
 )
@@ -92,9 +92,9 @@ def test_shipped_examples_load() -> None:
     assert [r.url for r in large.pool.replicas] == ["http://127.0.0.1:8081"]
     assert large.pool.timeouts.connect_s == 2
 
-    assert policy.priority_classes["interactive"].priority < policy.priority_classes[
-        "batch"
-    ].priority
+    assert (
+        policy.priority_classes["interactive"].priority < policy.priority_classes["batch"].priority
+    )
     assert globex.allowed_priorities == ("standard", "batch")
 
     price = policy.pricing.price_for("smollm2", date(2025, 6, 1))
