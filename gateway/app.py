@@ -15,8 +15,6 @@ import httpx
 import msgspec
 import structlog
 from litestar import Litestar, Request, Response
-from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.exceptions import HTTPException
 
 from gateway.api.admin import admin_policies, healthz, readyz
@@ -96,10 +94,6 @@ def create_app(settings: GatewaySettings) -> Litestar:
             finally:
                 await watcher.stop()
 
-    def provide_services(state: State) -> Services:
-        services: Services = state.services
-        return services
-
     return Litestar(
         route_handlers=[
             chat_completions,
@@ -109,7 +103,6 @@ def create_app(settings: GatewaySettings) -> Litestar:
             healthz,
             readyz,
         ],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={
             GatewayError: _handle_gateway_error,
             HTTPException: _handle_http_exception,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
+from litestar import Request
 
 from gateway.auth.verifier import Authenticator
 from gateway.policy.watcher import PolicyWatcher
@@ -23,3 +25,9 @@ class Services:
     policies: PolicyWatcher
     upstream: UpstreamClient
     turns: TurnCounter
+
+
+def services_of(request: Request[Any, Any, Any]) -> Services:
+    """The process's services, stored on the app state by the lifespan."""
+    services: Services = request.app.state.services
+    return services

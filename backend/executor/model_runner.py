@@ -115,9 +115,7 @@ class ModelRunner:
         )
         self.block_size = cache_config.block_size
         block_shape = (self.block_size, config.num_kv_heads, config.head_dim)
-        bytes_per_block = (
-            2 * config.num_layers * math.prod(block_shape) * self.dtype.itemsize
-        )
+        bytes_per_block = 2 * config.num_layers * math.prod(block_shape) * self.dtype.itemsize
         self.num_blocks = cache_config.num_blocks or cache_config.cache_bytes // bytes_per_block
         if self.num_blocks < 1:
             raise ValueError("the KV cache is too small for a single block")

@@ -53,9 +53,7 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     return packed.contiguous(), scale, low
 
 
-def dequantize_int4(
-    packed: Tensor, scales: Tensor, mins: Tensor, dtype: torch.dtype
-) -> Tensor:
+def dequantize_int4(packed: Tensor, scales: Tensor, mins: Tensor, dtype: torch.dtype) -> Tensor:
     """Inverse of `quantize_int4` in `dtype`; the group size follows from the shapes."""
     out_features = packed.shape[0]
     q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(out_features, -1)
@@ -76,7 +74,11 @@ class Int4Linear(nn.Module):
     """`nn.Linear` replacement holding packed group-wise int4 weights."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, group_size: int,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group_size: int,
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
@@ -85,7 +87,9 @@ class Int4Linear(nn.Module):
         self.packed: Tensor
         self.scales: Tensor
         self.mins: Tensor
-        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer(
+            "packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+        )
         self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=dtype))
         self.register_buffer("mins", torch.empty(out_features, num_groups, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
@@ -125,7 +129,9 @@ def quantizable_linears(model: nn.Module) -> list[str]:
 
 
 def quantize_state_dict(
-    state: Mapping[str, Tensor], linear_names: Iterable[str], scheme: QuantScheme,
+    state: Mapping[str, Tensor],
+    linear_names: Iterable[str],
+    scheme: QuantScheme,
     dtype: torch.dtype,
 ) -> dict[str, Tensor]:
     """Step one: replace each listed linear's weight with its quantized tensors.

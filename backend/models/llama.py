@@ -288,7 +288,10 @@ class LlamaForCausalLM(nn.Module):
     def setup_rope(self, device: torch.device | str, max_positions: int | None = None) -> None:
         """Build the cos/sin tables (call after loading weights from the meta device)."""
         inv = rope_inv_freq(self.config).to(device)
-        limit = min(max_positions or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        limit = min(
+            max_positions or self.config.max_position_embeddings,
+            self.config.max_position_embeddings,
+        )
         positions = torch.arange(limit, device=device).float()
         freqs = torch.outer(positions, inv)
         angles = torch.cat((freqs, freqs), dim=-1)
@@ -309,4 +312,3 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, (cos, sin), meta, masks, cache)
         x = self.norm(x.index_select(0, meta.logits_index))
         return self.output(x).float()
-

@@ -132,6 +132,10 @@ class GenerationService:
                     return
         except QueueFullError as exc:
             raise Overloaded("the backend's waiting queue is full; retry later") from exc
+        except ValueError as exc:
+            # The scheduler refuses requests it could never run (for
+            # example one that needs more KV blocks than the pool holds).
+            raise InvalidRequest(str(exc)) from exc
         finally:
             self.metrics.observe_finished(
                 request,

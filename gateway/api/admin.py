@@ -10,14 +10,15 @@ from litestar import Request, Response, get
 from gateway.api.context import request_id_for
 from gateway.auth.guards import require_role
 from gateway.auth.principal import Role
-from gateway.services import Services
+from gateway.services import services_of
 
 _encode = msgspec.json.Encoder().encode
 
 
 @get("/admin/policies")
-async def admin_policies(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+async def admin_policies(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The policy version in force, its tenants and models, and the last reload error."""
+    services = services_of(request)
     request.state.request_id = request_id_for(request)
     principal = await services.authenticator.authenticate(request.headers.get("authorization"))
     require_role(principal, Role.ADMIN)
@@ -37,7 +38,7 @@ async def admin_policies(request: Request[Any, Any, Any], services: Services) ->
             "at": error.at.isoformat(),
             "issues": [
                 {"file": i.file, "key_path": i.key_path, "message": i.message}
-                for i in error.error.issues
+                for i in error.issues
             ],
         },
     }
@@ -51,9 +52,9 @@ async def healthz() -> Response[bytes]:
 
 
 @get("/readyz")
-async def readyz(services: Services) -> Response[bytes]:
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Readiness: a policy is loaded."""
-    policy = services.policies.current
+    policy = services_of(request).policies.current
     return Response(
         _encode({"ready": True, "policy_version": policy.version}), media_type="application/json"
     )

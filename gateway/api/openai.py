@@ -22,7 +22,7 @@ from gateway.api.sse import SseFramer, StreamUsage, usage_from
 from gateway.errors import BadRequestError, NotFoundError, PermissionDeniedError
 from gateway.policy.compiled import ModelRoute
 from gateway.routing.picker import round_robin
-from gateway.services import Services
+from gateway.services import Services, services_of
 from gateway.upstream.proxy import UpstreamResponse
 
 log = structlog.get_logger("tollgate.request")
@@ -200,25 +200,21 @@ def _sse_error(message: str, code: str) -> bytes:
 
 
 @post("/v1/chat/completions", status_code=200)
-async def chat_completions(
-    request: Request[Any, Any, Any], services: Services
-) -> Response[bytes] | Stream:
+async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """Chat completions, streamed or not."""
-    return await _forward(request, services, "/v1/chat/completions", "chat")
+    return await _forward(request, services_of(request), "/v1/chat/completions", "chat")
 
 
 @post("/v1/completions", status_code=200)
-async def completions(
-    request: Request[Any, Any, Any], services: Services
-) -> Response[bytes] | Stream:
+async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
     """Text completions, streamed or not."""
-    return await _forward(request, services, "/v1/completions", "text")
+    return await _forward(request, services_of(request), "/v1/completions", "text")
 
 
 @get("/v1/models")
-async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The models this tenant may use."""
-    ctx = await authorize(request, services)
+    ctx = await authorize(request, services_of(request))
     created = int(ctx.policy.loaded_at.timestamp())
     data = [
         {"id": route.name, "object": "model", "created": created, "owned_by": "tollgate"}

@@ -232,8 +232,9 @@ def test_seeded_sampling_reproducible_in_any_batch(runner, prompts) -> None:
 
 
 def _all_position_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
-    chunk = ScheduledChunk("ppl", ids, 0, list(range(math.ceil(len(ids) / BLOCK_SIZE))), True,
-                           GREEDY, 0)
+    chunk = ScheduledChunk(
+        "ppl", ids, 0, list(range(math.ceil(len(ids) / BLOCK_SIZE))), True, GREEDY, 0
+    )
     with torch.inference_mode():
         input_ids, meta = prepare_batch([chunk], BLOCK_SIZE, runner.device)
         meta = dataclasses.replace(meta, logits_index=torch.arange(len(ids)))
