@@ -139,10 +139,11 @@ class IncrementalDetokenizer:
 
     Decodes a short window of recent tokens instead of the whole output: the window
     starts one emission behind (`prefix_offset`) so that decoders which drop a
-    leading space at the start of a decode treat old and new text alike. A delta is
-    held back while the window's text ends in U+FFFD, which is how an incomplete
-    UTF-8 sequence decodes; `flush()` releases whatever is still held at the end.
-    The deltas plus `flush()` concatenate to `decode(all ids)`.
+    leading space at the start of a decode treat old and new text alike. A trailing
+    U+FFFD is how an incomplete UTF-8 sequence decodes, so text up to it is released
+    and the rest waits for the tokens that complete the character; `flush()`
+    releases whatever is still held at the end. The deltas plus `flush()`
+    concatenate to `decode(all ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -150,6 +151,8 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
+        self._held_emitted = 0
+        """Characters past the read offset already emitted while a character was incomplete."""
         self.text = ""
         """All text emitted so far."""
 
@@ -171,11 +174,14 @@ class IncrementalDetokenizer:
         decode = self._tokenizer.decode
         prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text):
-            return ""
+        start = len(prefix_text) + self._held_emitted
         if new_text.endswith(REPLACEMENT_CHAR) and not final:
-            return ""
-        delta = new_text[len(prefix_text) :]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            delta = new_text.rstrip(REPLACEMENT_CHAR)[start:]
+            self._held_emitted += len(delta)
+        else:
+            delta = new_text[start:]
+            if len(new_text) > len(prefix_text):
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                self._held_emitted = 0
         self.text += delta
         return delta

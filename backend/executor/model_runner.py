@@ -132,7 +132,8 @@ class ModelRunner:
         """Run the chunks; return float32 logits `[S, vocab]` for those with `sample=True`."""
         with torch.inference_mode():
             input_ids, meta = prepare_batch(chunks, self.block_size, self.device)
-            return self.model(input_ids, meta, self.kv_caches)
+            logits: Tensor = self.model(input_ids, meta, self.kv_caches)
+            return logits
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Run one step and sample a token for every chunk with `sample=True`."""

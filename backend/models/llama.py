@@ -195,7 +195,7 @@ def paged_attention(
     never repeated: `q` becomes `[B, kv_heads, groups * Q, head_dim]`.
     """
     batch, q_len, ctx = group.mask.shape
-    _, block_size, kv_heads, head_dim = k_cache.shape
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     heads = q.shape[1]
     rep = heads // kv_heads
     qg = q.index_select(0, group.query_index).view(batch, q_len, kv_heads, rep, head_dim)
@@ -235,7 +235,8 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         for group, mask in zip(meta.groups, masks, strict=True):
             out.index_copy_(0, group.token_index, paged_attention(q, k_cache, v_cache, group, mask))
-        return self.wo(out.view(tokens, -1))
+        projected: Tensor = self.wo(out.view(tokens, -1))
+        return projected
 
 
 class FeedForward(nn.Module):
@@ -249,7 +250,8 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Gate, up, down."""
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        down: Tensor = self.w2(F.silu(gate) * up)
+        return down
 
 
 class Block(nn.Module):
@@ -266,8 +268,9 @@ class Block(nn.Module):
         self, x: Tensor, rope: KVCache, meta: BatchMetadata, masks: list[Tensor], cache: KVCache
     ) -> Tensor:
         """Residual attention then residual MLP."""
-        x = x + self.attention(self.attention_norm(x), rope, meta, masks, cache)
-        return x + self.feed_forward(self.ffn_norm(x))
+        h: Tensor = x + self.attention(self.attention_norm(x), rope, meta, masks, cache)
+        out: Tensor = h + self.feed_forward(self.ffn_norm(h))
+        return out
 
 
 class LlamaForCausalLM(nn.Module):
@@ -311,4 +314,5 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, caches, strict=True):
             x = layer(x, (cos, sin), meta, masks, cache)
         x = self.norm(x.index_select(0, meta.logits_index))
-        return self.output(x).float()
+        logits: Tensor = self.output(x)
+        return logits.float()

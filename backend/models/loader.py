@@ -26,7 +26,12 @@ import torch
 from torch import Tensor
 
 from backend.config import Quant
-from backend.executor.quant import quantizable_linears, quantize_state_dict, swap_linears
+from backend.executor.quant import (
+    prepare_cpu_int4_kernels,
+    quantizable_linears,
+    quantize_state_dict,
+    swap_linears,
+)
 from backend.models.bundled import bundled_gguf_path
 from backend.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -181,6 +186,8 @@ def load_model(
     if config.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if quant == "int4":
+        prepare_cpu_int4_kernels(model)
     model.setup_rope(device, max_positions)
     model.requires_grad_(False)
     return model.eval()

@@ -38,8 +38,12 @@ def test_seeded_rows_do_not_depend_on_the_batch(logits) -> None:
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7)
     alone = Sampler("cpu")(logits[1:2], [seeded], [3]).item()
     # Same row, other position in a batch of mixed requests, fresh sampler.
-    mixed = [SamplingParams(temperature=0.7), SamplingParams(temperature=0.0), seeded,
-             dataclasses.replace(seeded, seed=8)]
+    mixed = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=0.0),
+        seeded,
+        dataclasses.replace(seeded, seed=8),
+    ]
     batch = torch.stack([logits[0], logits[2], logits[1], logits[3]])
     assert Sampler("cpu")(batch, mixed, [0, 0, 3, 3])[2].item() == alone
 
