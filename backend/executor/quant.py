@@ -4,13 +4,18 @@
 weight row has a float scale and minimum; a weight is `q * scale + min` with
 `q` in 0..15. Two values are packed per uint8 (even column in the low nibble, odd
 column in the high nibble), so a `[out, in]` weight is stored as `[out, in // 2]`
-uint8 plus `[out, in // group_size]` scales and minimums in the compute dtype.
-The portable matmul dequantizes the whole weight to the compute dtype and calls
+uint8 plus `[out, in // group_size]` float32 scales and minimums (about 6 bits
+per weight in all). Dequantization computes `q * scale + min` in float32 before
+casting: in bfloat16 the two terms often nearly cancel, and rounding each of them
+first ruins small weights. The portable matmul dequantizes the whole weight and calls
 `F.linear`, which is correct on every device but costs a full dequantization per
-call. On CPU in bfloat16 or float32, `prepare_cpu_int4_kernels` additionally lays
-the weights out for torch's fused int4 CPU matmul (`_weight_int4pack_mm_for_cpu`,
-which computes `(q - 8) * scale + zero`, hence `zero = min + 8 * scale`); it is
-tens of times faster than dequantizing in bfloat16.
+call. On CPU in bfloat16, `prepare_cpu_int4_kernels` additionally lays the
+weights out for torch's fused int4 CPU matmul (`_weight_int4pack_mm_for_cpu`, which
+computes `(q - 8) * scale + zero`, hence `zero = min + 8 * scale`). Its cost grows
+with the number of rows while dequantizing is a fixed cost, so it serves batches of
+up to `CPU_INT4_KERNEL_MAX_ROWS` tokens (decode steps: about 15x faster per layer at
+one row) and larger batches (prefill) dequantize. Its float32 variant is far slower
+for many rows and is not used.
 
 `fp8`: `float8_e4m3fn` weights with one float32 scale per output channel
 (`amax / 448`). The matmul upcasts the weight to the compute dtype and applies the
@@ -34,7 +39,8 @@ QuantScheme = Literal["int4", "fp8"]
 INT4_GROUP_SIZES = (32, 64)
 FP8_MAX = 448.0
 UNQUANTIZED_LINEARS = frozenset({"output"})
-CPU_INT4_DTYPES = (torch.bfloat16, torch.float32)
+CPU_INT4_DTYPES = (torch.bfloat16,)
+CPU_INT4_KERNEL_MAX_ROWS = 32
 CPU_INNER_K_TILES = 2
 
 
@@ -64,9 +70,9 @@ def dequantize_int4(packed: Tensor, scales: Tensor, mins: Tensor, dtype: torch.d
     out_features = packed.shape[0]
     q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(out_features, -1)
     num_groups = scales.shape[1]
-    grouped = q.to(dtype).view(out_features, num_groups, -1)
-    weight = grouped * scales.to(dtype).unsqueeze(-1) + mins.to(dtype).unsqueeze(-1)
-    return weight.view(out_features, -1)
+    grouped = q.float().view(out_features, num_groups, -1)
+    weight = grouped * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)
+    return weight.view(out_features, -1).to(dtype)
 
 
 def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,23 +102,25 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8)
         )
-        self.register_buffer("scales", torch.empty(out_features, num_groups, dtype=dtype))
-        self.register_buffer("mins", torch.empty(out_features, num_groups, dtype=dtype))
+        self.register_buffer("scales", torch.empty(out_features, num_groups))
+        self.register_buffer("mins", torch.empty(out_features, num_groups))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
         self.group_size = group_size
+        self.compute_dtype = dtype
         self.kernel_weight: Tensor | None = None
         self.kernel_scales_and_zeros: Tensor | None = None
 
     def prepare_cpu_kernel(self) -> bool:
         """Lay the weight out for torch's fused CPU int4 matmul; False when unsupported."""
-        if self.packed.device.type != "cpu" or self.scales.dtype not in CPU_INT4_DTYPES:
+        if self.packed.device.type != "cpu" or self.compute_dtype not in CPU_INT4_DTYPES:
             return False
         try:
             q = torch.stack((self.packed & 0x0F, self.packed >> 4), dim=-1)
             q = q.reshape(self.out_features, self.in_features).to(torch.int32)
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, CPU_INNER_K_TILES)
-            zeros = self.mins + 8 * self.scales
-            scales_and_zeros = torch.stack((self.scales.t(), zeros.t()), dim=-1).contiguous()
+            scales, zeros = self.scales.float(), self.mins.float() + 8 * self.scales.float()
+            scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1)
+            scales_and_zeros = scales_and_zeros.to(self.compute_dtype).contiguous()
         except (AttributeError, RuntimeError):
             return False
         self.kernel_weight, self.kernel_scales_and_zeros = weight, scales_and_zeros
@@ -120,8 +128,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Multiply by the int4 weight (fused kernel when prepared, else dequantize)."""
-        if self.kernel_weight is not None and self.kernel_scales_and_zeros is not None:
-            flat = x.reshape(-1, self.in_features)
+        flat = x.reshape(-1, self.in_features)
+        if (
+            self.kernel_weight is not None
+            and self.kernel_scales_and_zeros is not None
+            and flat.shape[0] <= CPU_INT4_KERNEL_MAX_ROWS
+            and x.dtype == self.kernel_scales_and_zeros.dtype
+        ):
             y: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat, self.kernel_weight, self.group_size, self.kernel_scales_and_zeros
             )
@@ -181,8 +194,7 @@ def quantize_state_dict(
             del out[f"{name}.weight"]
             packed, scales, mins = quantize_int4(weight, group_size)
             out[f"{name}.packed"] = packed
-            out[f"{name}.scales"] = scales.to(dtype)
-            out[f"{name}.mins"] = mins.to(dtype)
+            out[f"{name}.scales"], out[f"{name}.mins"] = scales, mins
         else:
             del out[f"{name}.weight"]
             out[f"{name}.weight"], out[f"{name}.scale"] = quantize_fp8(weight)

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 KVCache = tuple[Tensor, Tensor]
+"""One layer's (key, value) cache, each `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+Rope = tuple[Tensor, Tensor]
+"""(cos, sin) per token, `[T, 1, head_dim]`."""
 
 
 @dataclass(frozen=True)
@@ -67,15 +70,11 @@ class LlamaConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         scaling = None
         if kind in ("linear", "llama3"):
-            scaling = RopeScaling(
-                kind=kind,
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(
-                    rope.get("original_max_position_embeddings", 8192)
-                ),
-            )
+            known = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            extra = {
+                key: type(getattr(RopeScaling, key))(rope[key]) for key in known if key in rope
+            }
+            scaling = RopeScaling(kind=kind, factor=float(rope["factor"]), **extra)
         elif kind != "default":
             raise ValueError(f"unsupported rope scaling {kind!r}")
         heads = int(raw["num_attention_heads"])
@@ -220,7 +219,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
 
     def forward(
-        self, x: Tensor, rope: KVCache, meta: BatchMetadata, masks: list[Tensor], cache: KVCache
+        self, x: Tensor, rope: Rope, meta: BatchMetadata, masks: list[Tensor], cache: KVCache
     ) -> Tensor:
         """Project, rotate, write the new K/V into the cache, and attend."""
         tokens = x.shape[0]
@@ -265,7 +264,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: Tensor, rope: KVCache, meta: BatchMetadata, masks: list[Tensor], cache: KVCache
+        self, x: Tensor, rope: Rope, meta: BatchMetadata, masks: list[Tensor], cache: KVCache
     ) -> Tensor:
         """Residual attention then residual MLP."""
         h: Tensor = x + self.attention(self.attention_norm(x), rope, meta, masks, cache)
@@ -291,11 +290,8 @@ class LlamaForCausalLM(nn.Module):
     def setup_rope(self, device: torch.device | str, max_positions: int | None = None) -> None:
         """Build the cos/sin tables (call after loading weights from the meta device)."""
         inv = rope_inv_freq(self.config).to(device)
-        limit = min(
-            max_positions or self.config.max_position_embeddings,
-            self.config.max_position_embeddings,
-        )
-        positions = torch.arange(limit, device=device).float()
+        limit = self.config.max_position_embeddings
+        positions = torch.arange(min(max_positions or limit, limit), device=device).float()
         freqs = torch.outer(positions, inv)
         angles = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos, self.rope_sin = angles.cos(), angles.sin()

@@ -37,8 +37,7 @@ async def admin_policies(request: Request[Any, Any, Any]) -> Response[bytes]:
         else {
             "at": error.at.isoformat(),
             "issues": [
-                {"file": i.file, "key_path": i.key_path, "message": i.message}
-                for i in error.issues
+                {"file": i.file, "key_path": i.key_path, "message": i.message} for i in error.issues
             ],
         },
     }

