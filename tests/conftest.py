@@ -31,7 +31,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def backend() -> Iterator[BackendProcess]:
     """One backend process with the bundled model, shared by the session."""
-    proc = BackendProcess("--max-model-len", "2048")
+    proc = BackendProcess("--max-model-len", "2048", "--threads", "1")
     proc.start()
     try:
         yield proc
