@@ -266,6 +266,8 @@ def tiny_kv_backend() -> Iterator[BackendProcess]:
         "float32",
         "--max-num-seqs",
         "8",
+        "--threads",
+        "1",
     )
     proc.start()
     yield proc
