@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import REPO, BackendProcess, InProcessGateway, RedisServer
+from tests.support.processes import (
+    REPO,
+    BackendProcess,
+    GatewayProcess,
+    InProcessGateway,
+    RedisServer,
+)
 
 TEST_SECRET = "tollgate-test-secret-0123456789-abcdefghijklmnop"
 
@@ -85,6 +91,19 @@ def gateway(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     gw = InProcessGateway(GatewaySettings.from_env(env))
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
+def gateway_process(
+    backend: BackendProcess, policy_dirs: tuple[Path, Path]
+) -> Iterator[GatewayProcess]:
+    """The gateway as its own process, in front of the shared backend."""
+    gw = GatewayProcess(gateway_env(backend.url, *policy_dirs))
     gw.start()
     try:
         yield gw

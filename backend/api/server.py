@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import asdict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -147,33 +147,7 @@ def create_app(state: BackendState) -> Litestar:
             for m in body.messages
         ]
         prompt_ids = service.tokenizer.apply_chat_template(messages)
-        request_id = _request_id(request, "chatcmpl")
-        req = service.build_request(request_id, prompt_ids, body, body.output_limit)
-        gen = GenerationState(request_id=request_id, prompt_tokens=len(prompt_ids))
-        deltas = service.stream(req, gen)
-        if body.stream:
-            return await _stream_chat(deltas, gen, model, body.include_usage)
-
-        async def collect() -> str:
-            return "".join([d async for d in deltas])
-
-        text = await _unless_disconnected(request, collect())
-        payload = {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": gen.created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": gen.finish_reason,
-                }
-            ],
-            "usage": _usage(gen),
-        }
-        return Response(_encode(payload), media_type="application/json")
+        return await _respond(request, service, body, prompt_ids, model, _CHAT)
 
     @post("/v1/completions", status_code=200)
     async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
@@ -190,28 +164,7 @@ def create_app(state: BackendState) -> Litestar:
             vocab = service.tokenizer.vocab_size
             if any(t < 0 or t >= vocab for t in prompt_ids):
                 raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        request_id = _request_id(request, "cmpl")
-        req = service.build_request(request_id, prompt_ids, body, body.output_limit)
-        gen = GenerationState(request_id=request_id, prompt_tokens=len(prompt_ids))
-        deltas = service.stream(req, gen)
-        if body.stream:
-            return await _stream_text(deltas, gen, model, body.include_usage)
-
-        async def collect() -> str:
-            return "".join([d async for d in deltas])
-
-        text = await _unless_disconnected(request, collect())
-        payload = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": gen.created,
-            "model": model,
-            "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
-            ],
-            "usage": _usage(gen),
-        }
-        return Response(_encode(payload), media_type="application/json")
+        return await _respond(request, service, body, prompt_ids, model, _TEXT)
 
     @get("/v1/models")
     async def models() -> Response[bytes]:
@@ -257,34 +210,114 @@ def create_app(state: BackendState) -> Litestar:
     )
 
 
-async def _first_then(
-    deltas: AsyncGenerator[str, None],
-) -> tuple[str | None, AsyncGenerator[str, None]]:
-    """Await the first delta so queue-full and similar errors become HTTP errors,
-    not a broken stream."""
-    try:
-        first = await deltas.__anext__()
-    except StopAsyncIteration:
-        return None, deltas
-    return first, deltas
+@dataclass(frozen=True)
+class _Format:
+    """How one endpoint shapes its objects; the flow is the same for both."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[str, str | None], dict[str, Any]]
+    """Whole-response choice from (text, finish_reason)."""
+    delta: Callable[[str | None, str | None], dict[str, Any]]
+    """Stream choice from (text or None for an empty delta, finish_reason)."""
+    opening: dict[str, Any] | None
+    """A first stream choice sent before any text (chat announces the role)."""
+
+
+def _chat_delta(text: str | None, finish: str | None) -> dict[str, Any]:
+    delta = {} if text is None else {"content": text}
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+def _text_delta(text: str | None, finish: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+_CHAT = _Format(
+    id_prefix="chatcmpl",
+    object="chat.completion",
+    chunk_object="chat.completion.chunk",
+    choice=lambda text, finish: {
+        "index": 0,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": None,
+        "finish_reason": finish,
+    },
+    delta=_chat_delta,
+    opening={
+        "index": 0,
+        "delta": {"role": "assistant", "content": ""},
+        "logprobs": None,
+        "finish_reason": None,
+    },
+)
+_TEXT = _Format(
+    id_prefix="cmpl",
+    object="text_completion",
+    chunk_object="text_completion",
+    choice=_text_delta,
+    delta=_text_delta,
+    opening=None,
+)
+
+
+async def _respond(
+    request: Request[Any, Any, Any],
+    service: GenerationService,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_ids: list[int],
+    model: str,
+    fmt: _Format,
+) -> Response[bytes] | Stream:
+    """Run the request and answer whole or as a stream, in `fmt`'s shape."""
+    request_id = _request_id(request, fmt.id_prefix)
+    req = service.build_request(request_id, prompt_ids, body, body.output_limit)
+    gen = GenerationState(request_id=request_id, prompt_tokens=len(prompt_ids))
+    deltas = service.stream(req, gen)
+    if body.stream:
+        return await _stream(deltas, gen, model, body.include_usage, fmt)
+
+    async def collect() -> str:
+        return "".join([d async for d in deltas])
+
+    text = await _unless_disconnected(request, collect())
+    payload = {
+        "id": request_id,
+        "object": fmt.object,
+        "created": gen.created,
+        "model": model,
+        "choices": [fmt.choice(text, gen.finish_reason)],
+        "usage": _usage(gen),
+    }
+    return Response(_encode(payload), media_type="application/json")
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + _encode(obj) + b"\n\n"
 
 
-async def _stream_chat(
-    deltas: AsyncGenerator[str, None], gen: GenerationState, model: str, include_usage: bool
+async def _stream(
+    deltas: AsyncGenerator[str, None],
+    gen: GenerationState,
+    model: str,
+    include_usage: bool,
+    fmt: _Format,
 ) -> Stream:
-    first, rest = await _first_then(deltas)
+    # Await the first text before committing to a 200 stream, so queue-full
+    # and similar refusals still become proper HTTP errors.
+    try:
+        first: str | None = await deltas.__anext__()
+    except StopAsyncIteration:
+        first = None
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": gen.request_id,
-            "object": "chat.completion.chunk",
+            "object": fmt.chunk_object,
             "created": gen.created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": choices,
         }
         if include_usage:
             out["usage"] = None
@@ -292,56 +325,20 @@ async def _stream_chat(
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            if fmt.opening is not None:
+                yield _sse(chunk([fmt.opening]))
             if first:
-                yield _sse(chunk({"content": first}, None))
-            async for text in rest:
-                yield _sse(chunk({"content": text}, None))
+                yield _sse(chunk([fmt.delta(first, None)]))
+            async for text in deltas:
+                yield _sse(chunk([fmt.delta(text, None)]))
         finally:
             # A client that hangs up while we wait to send must still free
             # the request's KV blocks now, not whenever the generator is
             # garbage-collected.
-            await rest.aclose()
-        yield _sse(chunk({}, gen.finish_reason))
+            await deltas.aclose()
+        yield _sse(chunk([fmt.delta(None, gen.finish_reason)]))
         if include_usage:
-            final = chunk({}, None)
-            final["choices"] = []
-            final["usage"] = _usage(gen)
-            yield _sse(final)
-        yield b"data: [DONE]\n\n"
-
-    return Stream(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
-
-
-async def _stream_text(
-    deltas: AsyncGenerator[str, None], gen: GenerationState, model: str, include_usage: bool
-) -> Stream:
-    first, rest = await _first_then(deltas)
-
-    def chunk(text: str, finish: str | None) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": gen.request_id,
-            "object": "text_completion",
-            "created": gen.created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            out["usage"] = None
-        return out
-
-    async def events() -> AsyncIterator[bytes]:
-        try:
-            if first:
-                yield _sse(chunk(first, None))
-            async for text in rest:
-                yield _sse(chunk(text, None))
-        finally:
-            await rest.aclose()
-        yield _sse(chunk("", gen.finish_reason))
-        if include_usage:
-            final = chunk("", None)
-            final["choices"] = []
+            final = chunk([])
             final["usage"] = _usage(gen)
             yield _sse(final)
         yield b"data: [DONE]\n\n"

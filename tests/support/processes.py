@@ -108,86 +108,66 @@ class RedisServer:
         self.start()
 
 
-class BackendProcess:
-    """`python -m backend` serving the bundled model on CPU."""
+class ServiceProcess:
+    """A Python service started as `python -m <module> ...` on a random port,
+    ready once `ready_path` answers 200; its output goes to a log file."""
 
-    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, module_argv: list[str], ready_path: str, env: Mapping[str, str] | None = None
+    ) -> None:
         self.port = free_port()
-        self.args = args
+        self.argv = module_argv
+        self.ready_path = ready_path
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix="tollgate-backend-", suffix=".log")[1])
+        name = module_argv[0]
+        self.log_path = Path(tempfile.mkstemp(prefix=f"tollgate-{name}-", suffix=".log")[1])
 
     @property
     def url(self) -> str:
-        """Base URL of the backend."""
+        """Base URL of the service."""
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 300) -> None:
-        """Start and wait until /ready."""
+        """Start and wait until ready."""
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "--port", str(self.port), *self.args],
+            [sys.executable, "-m", *self.argv, "--port", str(self.port)],
             cwd=REPO,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_http(f"{self.url}/ready", timeout_s, self.proc)
+            wait_http(self.url + self.ready_path, timeout_s, self.proc)
         except Exception as exc:
             self.stop()
             tail = self.log_path.read_text()[-4000:]
-            raise RuntimeError(f"backend failed to start:\n{tail}") from exc
+            raise RuntimeError(f"{self.argv[0]} failed to start:\n{tail}") from exc
 
     def stop(self) -> None:
-        """Terminate the backend."""
-        if self.proc is not None:
-            _stop(self.proc)
-            self.proc = None
-
-
-class GatewayProcess:
-    """`tollgate gateway` as a subprocess."""
-
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
-        self.port = free_port()
-        self.env = {**os.environ, **env}
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix="tollgate-gateway-", suffix=".log")[1])
-
-    @property
-    def url(self) -> str:
-        """Base URL of the gateway."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 30) -> None:
-        """Start and wait until /healthz."""
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "gateway", "--port", str(self.port), *self.args],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_http(f"{self.url}/healthz", timeout_s, self.proc)
-        except Exception as exc:
-            self.stop()
-            tail = self.log_path.read_text()[-4000:]
-            raise RuntimeError(f"gateway failed to start:\n{tail}") from exc
-
-    def stop(self) -> None:
-        """Terminate the gateway."""
+        """Terminate the service."""
         if self.proc is not None:
             _stop(self.proc)
             self.proc = None
 
     def logs(self) -> str:
-        """Everything the gateway printed so far."""
+        """Everything the service printed so far."""
         return self.log_path.read_text()
+
+
+class BackendProcess(ServiceProcess):
+    """`python -m backend` serving the bundled model on CPU."""
+
+    def __init__(self, *args: str, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(["backend", *args], "/ready", env)
+
+
+class GatewayProcess(ServiceProcess):
+    """`tollgate gateway` as a subprocess."""
+
+    def __init__(self, env: Mapping[str, str], *args: str) -> None:
+        super().__init__(["gateway", "gateway", *args], "/healthz", env)
 
 
 class InProcessGateway:
