@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,10 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    shutil.copytree(REPO / "policies", tmp_path / "policies")
-    return tmp_path
+def tree(policy_dirs: tuple[Path, Path]) -> Path:
+    """The folder holding the conftest's private tenants/ and policies/ copies."""
+    return policy_dirs[0].parent
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
@@ -27,10 +26,9 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    shutil.copytree(REPO / "tenants", tmp_path / "tenants")
-    shutil.copytree(REPO / "policies", tmp_path / "policies")
-    return tmp_path
+def tree(policy_dirs: tuple[Path, Path]) -> Path:
+    """The folder holding the conftest's private tenants/ and policies/ copies."""
+    return policy_dirs[0].parent
 
 
 def read(path: Path) -> Any:
