@@ -62,6 +62,6 @@ async def load_into(state: BackendState, config: EngineConfig) -> None:
         num_kv_blocks=runner.num_blocks,
         max_model_len=service.max_model_len,
         device=config.model.device,
-        dtype=config.model.dtype,
+        dtype=str(runner.dtype).removeprefix("torch."),
         quant=config.model.quant,
     )

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Quant = Literal["none", "int4", "fp8"]
-DType = Literal["float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class ModelConfig:
     path: str | None = None
     """A GGUF file or a Hugging Face safetensors folder; None means the bundled SmolLM2."""
     served_names: tuple[str, ...] = ("smollm2",)
-    dtype: DType = "bfloat16"
+    dtype: DType = "auto"
+    """"auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512_BF16/AMX), else float32."""
     device: str = "cpu"
     quant: Quant = "none"
     num_threads: int | None = None

@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name clients use; repeat for aliases (default: smollm2)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV dtype; auto = bf16 where the hardware runs it natively, else fp32",
+    )
     p.add_argument(
         "--quant",
         default="none",

@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh backend,dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 echo "==> ruff" >&2
-.venv/bin/ruff check gateway backend tests
-.venv/bin/ruff format --check gateway backend tests
+.venv/bin/ruff check gateway backend tests bench
+.venv/bin/ruff format --check gateway backend tests bench
 echo "==> mypy" >&2
 .venv/bin/mypy gateway backend
 echo "==> pytest" >&2

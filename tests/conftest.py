@@ -12,6 +12,7 @@ import pytest
 from tests.support.processes import (
     REPO,
     BackendProcess,
+    FakeUpstreamProcess,
     GatewayProcess,
     InProcessGateway,
     RedisServer,
@@ -39,6 +40,17 @@ def backend() -> Iterator[BackendProcess]:
     """One backend process with the bundled model, shared by the session."""
     proc = BackendProcess("--max-model-len", "2048", "--threads", "1")
     proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeUpstreamProcess]:
+    """The fast fake backend (tests/support/fake_upstream.py), shared by the session."""
+    proc = FakeUpstreamProcess()
+    proc.start(timeout_s=60)
     try:
         yield proc
     finally:

@@ -19,6 +19,22 @@ from backend.tokenizer import Tokenizer
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for a configured name; "auto" picks by hardware.
+
+    On a CPU without native bf16 instructions, bf16 matmuls are emulated and
+    run several times slower than float32, so "auto" only picks bf16 where it
+    is fast.
+    """
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def _long(values: Sequence[int], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
 
@@ -105,7 +121,7 @@ class ModelRunner:
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
         self.device = torch.device(model_config.device)
-        self.dtype = TORCH_DTYPES[model_config.dtype]
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.model_dir = resolve_model_dir(model_config.path)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         config = LlamaConfig.from_file(self.model_dir / "config.json")

@@ -170,6 +170,14 @@ class GatewayProcess(ServiceProcess):
         super().__init__(["gateway", "gateway", *args], "/healthz", env)
 
 
+class FakeUpstreamProcess(ServiceProcess):
+    """`tests/support/fake_upstream.py`: a fast fake backend for faults and
+    for measuring the gateway alone."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__(["tests.support.fake_upstream", *args], "/health")
+
+
 class InProcessGateway:
     """The gateway app under uvicorn in a background thread, on a random port."""
 
@@ -209,7 +217,7 @@ class InProcessGateway:
 
 @contextlib.contextmanager
 def running(
-    proc: RedisServer | BackendProcess | GatewayProcess | InProcessGateway,
+    proc: RedisServer | ServiceProcess | InProcessGateway,
 ) -> Iterator[None]:
     """Start `proc` for the duration of a with-block."""
     proc.start()
