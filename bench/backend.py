@@ -134,7 +134,12 @@ def workload(n: int, seed: int = 0) -> list[Work]:
 # -- Hugging Face generate, in a child process ---------------------------------------------
 
 
-def hf_worker(threads: int, dtype: str, batch: int, count: int) -> dict[str, Any]:
+def sweep_workload(n: int) -> list[Work]:
+    """Short requests for choosing thread counts: 128-token prompts, 64 outputs."""
+    return [Work(w.prompt[:128], 64) for w in workload(n, seed=7)]
+
+
+def hf_worker(threads: int, dtype: str, batch: int, count: int, sweep: bool) -> dict[str, Any]:
     """Run `count` requests through `generate` in static batches of `batch`."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -193,7 +198,7 @@ def hf_worker(threads: int, dtype: str, batch: int, count: int) -> dict[str, Any
         return samples
 
     run(workload(1, seed=99)[:1])  # warm-up: first-call allocations and kernel selection
-    works = workload(count)
+    works = sweep_workload(count) if sweep else workload(count)
     samples: list[Sample] = []
     start = time.perf_counter()
     for i in range(0, count, batch):
@@ -203,7 +208,7 @@ def hf_worker(threads: int, dtype: str, batch: int, count: int) -> dict[str, Any
     return {"wall_s": wall, "samples": [asdict(s) for s in samples], "peak_rss_mib": peak}
 
 
-def run_hf(threads: int, dtype: str, batch: int, count: int) -> Scenario:
+def run_hf(threads: int, dtype: str, batch: int, count: int, sweep: bool = False) -> Scenario:
     """Run `hf_worker` in a child process and read its result."""
     out = subprocess.run(
         [
@@ -214,6 +219,7 @@ def run_hf(threads: int, dtype: str, batch: int, count: int) -> Scenario:
             f"--dtype={dtype}",
             f"--batch={batch}",
             f"--count={count}",
+            *(["--sweep"] if sweep else []),
         ],
         check=True,
         capture_output=True,
@@ -311,12 +317,12 @@ class Backend:
 
 def sweep(dtype: str) -> tuple[int, int, str]:
     """Pick each system's torch thread count by measurement."""
-    short = [Work(w.prompt[:128], 64) for w in workload(8, seed=7)]
+    short = sweep_workload(8)
     rows = []
     hf_best = (0.0, 1)
     tg_best = (0.0, 1)
     for threads in (1, 2):
-        hf = run_hf(threads, dtype, 1, 2)
+        hf = run_hf(threads, dtype, 1, 2, sweep=True)
         with Backend(threads, dtype) as backend:
             one = backend.run(short[:2], 1)
             eight = backend.run(short, 8)
@@ -446,9 +452,10 @@ def main() -> None:
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hf_worker:
-        print(json.dumps(hf_worker(args.threads, args.dtype, args.batch, args.count)))
+        print(json.dumps(hf_worker(args.threads, args.dtype, args.batch, args.count, args.sweep)))
     elif args.soak:
         soak(args)
     else:

@@ -1,8 +1,9 @@
 """`create_app(settings)`: the gateway's Litestar app.
 
 Nothing is built at import. The lifespan owns the long-lived parts (the
-pooled httpx client, the policy watcher, the authenticator) and one exception
-handler turns every domain error into OpenAI's error format.
+pooled upstream session, the control-plane httpx client, the policy watcher,
+the authenticator) and one exception handler turns every domain error into
+OpenAI's error format.
 """
 
 from __future__ import annotations
@@ -17,16 +18,22 @@ import structlog
 from litestar import Litestar, Request, Response
 from litestar.exceptions import HTTPException
 
-from gateway.api.admin import admin_policies, healthz, readyz
+from gateway.api.admin import admin_backends, admin_policies, healthz, readyz
+from gateway.api.metrics import metrics
 from gateway.api.openai import chat_completions, completions, list_models
 from gateway.auth.keys import KeyResolver
 from gateway.auth.verifier import Authenticator
 from gateway.errors import GatewayError
 from gateway.policy.watcher import PolicyWatcher
+from gateway.queueing.registry import PoolQueues
+from gateway.quota.admission import build_quota
 from gateway.routing.picker import TurnCounter
+from gateway.routing.router import Router
 from gateway.services import Services
 from gateway.settings import GatewaySettings
-from gateway.upstream.proxy import UpstreamClient
+from gateway.upstream.health import ReplicaBook
+from gateway.upstream.monitor import ReplicaMonitor
+from gateway.upstream.proxy import UpstreamClient, new_session
 
 log = structlog.get_logger("tollgate.gateway")
 _encode = msgspec.json.Encoder().encode
@@ -74,24 +81,47 @@ def create_app(settings: GatewaySettings) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-        async with httpx.AsyncClient(limits=limits, http2=False) as http:
+        async with (
+            httpx.AsyncClient(limits=limits, http2=False) as http,
+            new_session() as upstream_session,
+        ):
             watcher = PolicyWatcher(
                 settings.tenants_dir, settings.policies_dir, poll_interval_s=settings.policy_poll_s
             )
             await watcher.start()
+            quota = build_quota(settings)
+            quota.start()
             try:
                 authenticator = Authenticator(settings.auth, KeyResolver(settings.auth, http))
+                # Reloads reconfigure the same queues: waiting requests keep their place.
+                queues = PoolQueues(watcher.current)
+                watcher.on_change.append(queues.configure)
+                # Replica health and load: probed and polled in the background,
+                # reconfigured on reload (known replicas keep their state).
+                replicas = ReplicaBook(watcher.current)
+                monitor = ReplicaMonitor(replicas, http)
+                watcher.on_change.append(monitor.configure)
+                turns = TurnCounter()
                 app.state.services = Services(
                     settings=settings,
                     http=http,
                     authenticator=authenticator,
                     policies=watcher,
-                    upstream=UpstreamClient(http),
-                    turns=TurnCounter(),
+                    upstream=UpstreamClient(upstream_session, replicas),
+                    turns=turns,
+                    queues=queues,
+                    quota=quota,
+                    replicas=replicas,
+                    router=Router(replicas, queues, turns),
                 )
+                monitor.start()
                 log.info("gateway_ready", policy_version=watcher.current.version)
-                yield
+                try:
+                    yield
+                finally:
+                    await monitor.stop()
             finally:
+                await quota.stop()
                 await watcher.stop()
 
     return Litestar(
@@ -100,6 +130,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
             completions,
             list_models,
             admin_policies,
+            admin_backends,
+            metrics,
             healthz,
             readyz,
         ],
@@ -113,3 +145,13 @@ def create_app(settings: GatewaySettings) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         debug=False,
     )
+
+
+def create_app_from_env() -> Litestar:
+    """The app with settings from `TOLLGATE_*` variables: the factory each
+    worker process calls under `tollgate gateway --workers N`."""
+    from gateway.logging import configure_logging
+
+    settings = GatewaySettings.from_env()
+    configure_logging(settings.log_level)
+    return create_app(settings)

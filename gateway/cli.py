@@ -5,6 +5,7 @@ tollgate gateway          run the gateway
 tollgate backend          run the built-in inference backend (needs tollgate[backend])
 tollgate token mint       print a JWT signed with the configured (or development) key
 tollgate policy validate  check tenant and policy files; non-zero exit on any error
+tollgate route eval       the auto classifier's accuracy on a labelled set of prompts
 tollgate usage export     export priced usage for finance
 """
 
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_flags(gw, default_port=8080)
     gw.add_argument("--dev", action="store_true", help="use the development HMAC key")
+    gw.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("TOLLGATE_WORKERS", "1")),
+        help="worker processes (env TOLLGATE_WORKERS); more than 1 needs TOLLGATE_STORE=redis",
+    )
     gw.add_argument("--log-level", default=os.environ.get("TOLLGATE_LOG_LEVEL", "info"))
 
     sub.add_parser(
@@ -126,6 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument(
         "paths", nargs="*", type=Path, help="files or folders (default: tenants/ and policies/)"
+    )
+
+    route = sub.add_parser("route", help="capability routing")
+    route_sub = route.add_subparsers(dest="route_command", required=True, metavar="ACTION")
+    evaluate = route_sub.add_parser(
+        "eval",
+        help="evaluate the auto classifier on labelled prompts",
+        description="Classify every labelled request with the policy's `routing.auto` "
+        "weights and print accuracy, precision and recall for `large`, and the share "
+        "sent to `small`. The labelled set is JSON lines: id, label (easy|hard), "
+        "category, request (a chat completion body).",
+    )
+    evaluate.add_argument(
+        "--data", type=Path, default=None, help="labelled set (default: the shipped one)"
+    )
+    evaluate.add_argument(
+        "--policies-dir",
+        type=Path,
+        default=Path(os.environ.get("TOLLGATE_POLICIES_DIR", "policies")),
+        help="folder of policy YAML files (env TOLLGATE_POLICIES_DIR)",
+    )
+    evaluate.add_argument(
+        "--tenants-dir",
+        type=Path,
+        default=Path(os.environ.get("TOLLGATE_TENANTS_DIR", "tenants")),
+        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
+    )
+    evaluate.add_argument(
+        "--show-errors", action="store_true", help="list every misclassified request"
     )
 
     usage = sub.add_parser("usage", help="usage ledger")
@@ -184,6 +220,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from gateway.app import create_app
     from gateway.logging import configure_logging
@@ -198,9 +235,15 @@ def _gateway(args: argparse.Namespace) -> int:
             "TOLLGATE_PORT": str(args.port),
             "TOLLGATE_TENANTS_DIR": args.tenants_dir,
             "TOLLGATE_POLICIES_DIR": args.policies_dir,
+            "TOLLGATE_WORKERS": str(args.workers),
         }
     )
-    settings = GatewaySettings.from_env(env)
+    try:
+        settings = GatewaySettings.from_env(env)
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]) for e in exc.errors())
+        print(f"tollgate gateway: invalid settings: {problems}", file=sys.stderr)
+        return 2
     auth = settings.auth
     if not (
         auth.hs_secret
@@ -216,6 +259,22 @@ def _gateway(args: argparse.Namespace) -> int:
         )
         return 2
     configure_logging(args.log_level)
+    if settings.workers > 1:
+        # Worker processes build their own app from the environment.
+        os.environ.update(env)
+        os.environ["TOLLGATE_LOG_LEVEL"] = args.log_level
+        uvicorn.run(
+            "gateway.app:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+        return 0
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -324,6 +383,41 @@ def _dev_token(tenant: str) -> str:
     return mint_token(settings, tenant=tenant, app="dev", subject="developer", ttl_s=24 * 3600)
 
 
+def _route_eval(args: argparse.Namespace) -> int:
+    from gateway.policy.errors import PolicyError
+    from gateway.policy.loader import load_policy
+    from gateway.routing.evaluation import LABELLED_SET, evaluate, read_examples
+
+    try:
+        policy = load_policy(args.tenants_dir, args.policies_dir)
+    except PolicyError as exc:
+        for issue in exc.issues:
+            print(issue.format(), file=sys.stderr)
+        return 1
+    config = policy.routing.auto
+    if config is None:
+        print("tollgate route eval: the policy has no routing.auto section", file=sys.stderr)
+        return 2
+    path = args.data or LABELLED_SET
+    try:
+        examples = read_examples(path)
+    except (OSError, ValueError) as exc:
+        print(f"tollgate route eval: {exc}", file=sys.stderr)
+        return 2
+    result = evaluate(examples, config)
+    hard = sum(1 for _, label, _ in examples if label == "hard")
+    easy = result.num_examples - hard
+    print(f"labelled requests  {result.num_examples} ({easy} easy, {hard} hard)")
+    print(f"accuracy           {result.accuracy:.1%}")
+    print(f"precision (large)  {result.precision_large:.1%}")
+    print(f"recall (large)     {result.recall_large:.1%}")
+    print(f"sent to small      {result.small_share:.1%}")
+    if args.show_errors:
+        for example_id, expected, score in result.misses:
+            print(f"  {example_id}: expected {expected}, score {score:.3f}")
+    return 0
+
+
 def _usage_export(args: argparse.Namespace) -> int:
     print("tollgate usage export: no usage ledger is configured in this build", file=sys.stderr)
     return 2
@@ -343,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _mint(args)
     if args.command == "policy":
         return _validate(args)
+    if args.command == "route":
+        return _route_eval(args)
     return _usage_export(args)
 
 

@@ -14,6 +14,7 @@ no detail (the detail goes to the log).
     ├── PayloadTooLargeError       413 invalid_request_error / payload_too_large
     ├── UnprocessableError         422 invalid_request_error
     ├── RateLimitError             429 rate_limit_exceeded | insufficient_quota
+    ├── ClientClosedRequestError   499 invalid_request_error / client_closed_request
     ├── UpstreamError              502 server_error / upstream_error
     ├── ServiceUnavailableError    503 server_error / service_unavailable
     └── UpstreamTimeoutError       504 server_error / upstream_timeout
@@ -134,6 +135,17 @@ class RateLimitError(GatewayError):
         super().__init__(message, code=code, headers=merged)
         if error_type is not None:
             self.error_type = error_type  # type: ignore[misc]
+
+
+class ClientClosedRequestError(GatewayError):
+    """The client disconnected before an answer was ready (nginx's 499).
+
+    Nobody reads the response; the status exists for logs and usage records.
+    """
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_closed_request"
 
 
 class UpstreamError(GatewayError):

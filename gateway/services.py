@@ -10,8 +10,12 @@ from litestar import Request
 
 from gateway.auth.verifier import Authenticator
 from gateway.policy.watcher import PolicyWatcher
+from gateway.queueing.registry import PoolQueues
+from gateway.quota.admission import Quota
 from gateway.routing.picker import TurnCounter
+from gateway.routing.router import Router
 from gateway.settings import GatewaySettings
+from gateway.upstream.health import ReplicaBook
 from gateway.upstream.proxy import UpstreamClient
 
 
@@ -25,6 +29,11 @@ class Services:
     policies: PolicyWatcher
     upstream: UpstreamClient
     turns: TurnCounter
+    queues: PoolQueues
+    quota: Quota
+    replicas: ReplicaBook
+    """Health, load and in-flight bookkeeping of every backend replica."""
+    router: Router
 
 
 def services_of(request: Request[Any, Any, Any]) -> Services:

@@ -6,8 +6,9 @@ import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.auth.settings import AuthSettings
 
@@ -19,8 +20,11 @@ class GatewaySettings(BaseModel):
 
     Environment variables (all optional): `TOLLGATE_HOST`, `TOLLGATE_PORT`,
     `TOLLGATE_TENANTS_DIR`, `TOLLGATE_POLICIES_DIR`, `TOLLGATE_MAX_BODY_BYTES`,
-    `TOLLGATE_POLICY_POLL_S`, `TOLLGATE_LOG_LEVEL`, plus the `TOLLGATE_JWT_*`
-    family read by `AuthSettings.from_env`.
+    `TOLLGATE_POLICY_POLL_S`, `TOLLGATE_LOG_LEVEL`, `TOLLGATE_WORKERS`, the
+    quota store's `TOLLGATE_STORE`, `TOLLGATE_REDIS_URL`,
+    `TOLLGATE_REDIS_TIMEOUT_S`, `TOLLGATE_QUOTA_LEASE_TTL_S`,
+    `TOLLGATE_QUOTA_BREAKER_FAILURES`, `TOLLGATE_QUOTA_BREAKER_RESET_S`, plus
+    the `TOLLGATE_JWT_*` family read by `AuthSettings.from_env`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -32,7 +36,28 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     policy_poll_s: float = Field(default=0.5, gt=0)
     log_level: str = "info"
+    workers: int = Field(default=1, ge=1, le=256)
+    store: Literal["memory", "redis"] = "memory"
+    """Where quotas are counted: this process (`memory`) or Redis (shared)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(default=0.1, gt=0, le=30)
+    """Socket connect and read timeout for the quota store; a call is abandoned
+    after twice this, and counts towards opening the circuit breaker."""
+    quota_lease_ttl_s: float = Field(default=60.0, gt=0)
+    """How long a reservation outlives a gateway that died holding it."""
+    quota_breaker_failures: int = Field(default=3, ge=1)
+    quota_breaker_reset_s: float = Field(default=1.0, gt=0)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @model_validator(mode="after")
+    def _memory_store_is_one_process(self) -> GatewaySettings:
+        if self.store == "memory" and self.workers > 1:
+            raise ValueError(
+                "the memory quota store counts in one process only: with "
+                f"{self.workers} workers each would allow the full limit; "
+                "set TOLLGATE_STORE=redis (and TOLLGATE_REDIS_URL) or TOLLGATE_WORKERS=1"
+            )
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -46,6 +71,13 @@ class GatewaySettings(BaseModel):
             "TOLLGATE_MAX_BODY_BYTES": "max_body_bytes",
             "TOLLGATE_POLICY_POLL_S": "policy_poll_s",
             "TOLLGATE_LOG_LEVEL": "log_level",
+            "TOLLGATE_WORKERS": "workers",
+            "TOLLGATE_STORE": "store",
+            "TOLLGATE_REDIS_URL": "redis_url",
+            "TOLLGATE_REDIS_TIMEOUT_S": "redis_timeout_s",
+            "TOLLGATE_QUOTA_LEASE_TTL_S": "quota_lease_ttl_s",
+            "TOLLGATE_QUOTA_BREAKER_FAILURES": "quota_breaker_failures",
+            "TOLLGATE_QUOTA_BREAKER_RESET_S": "quota_breaker_reset_s",
         }
         values: dict[str, object] = {f: env[k] for k, f in names.items() if env.get(k)}
         values["auth"] = AuthSettings.from_env(env)

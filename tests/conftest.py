@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support.processes import (
@@ -55,6 +56,13 @@ def fake_upstream() -> Iterator[FakeUpstreamProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def fresh_fake(fake_upstream: FakeUpstreamProcess) -> FakeUpstreamProcess:
+    """The shared fake backend with its counters zeroed."""
+    httpx.post(f"{fake_upstream.url}/fake/reset", timeout=5)
+    return fake_upstream
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""Admin endpoints: the policy in force and the last reload error."""
+"""Admin endpoints: the policy in force and the last reload error; backend replicas."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgspec
@@ -42,6 +43,45 @@ async def admin_policies(request: Request[Any, Any, Any]) -> Response[bytes]:
         },
     }
     return Response(_encode(body), media_type="application/json")
+
+
+@get("/admin/backends")
+async def admin_backends(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """Every pool's replicas: health, load, in-flight requests, probe results,
+    counters; and the pool's queue (docs/routing.md)."""
+    services = services_of(request)
+    request.state.request_id = request_id_for(request)
+    principal = await services.authenticator.authenticate(request.headers.get("authorization"))
+    require_role(principal, Role.ADMIN)
+    policy = services.policies.current
+    statuses = services.replicas.status()
+    pools = []
+    for name in sorted(policy.pools):
+        pool = policy.pools[name]
+        urls = {r.url: r for r in pool.replicas}
+        replicas = []
+        for status in statuses:
+            if status.url not in urls:
+                continue
+            entry = dataclasses.asdict(status)
+            entry["weight"] = urls[status.url].weight
+            entry["max_in_flight"] = urls[status.url].max_in_flight
+            entry["routable"] = status.ejected_for_s == 0.0 and status.status == "healthy"
+            replicas.append(entry)
+        queue = services.queues.for_pool(pool).stats()
+        pools.append(
+            {
+                "pool": name,
+                "kind": pool.kind,
+                "strategy": pool.balancer.strategy,
+                "affinity": pool.balancer.affinity,
+                "num_replicas": len(replicas),
+                "num_healthy": sum(1 for r in replicas if r["status"] == "healthy"),
+                "queue": {"capacity": queue.capacity, "in_flight": queue.in_flight},
+                "replicas": replicas,
+            }
+        )
+    return Response(_encode({"pools": pools}), media_type="application/json")
 
 
 @get("/healthz")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -21,6 +21,7 @@ from gateway.auth.principal import Principal
 from gateway.errors import BadRequestError, PayloadTooLargeError
 from gateway.policy.access import resolve_tenant
 from gateway.policy.compiled import Policy, TenantPolicy
+from gateway.routing.resolve import RouteDecision
 from gateway.services import Services
 
 _decode = msgspec.json.Decoder().decode
@@ -36,6 +37,12 @@ class CallContext:
     principal: Principal
     tenant: TenantPolicy
     policy: Policy
+    route: RouteDecision | None = None
+    """The model, version and reasons chosen for the request, once routed."""
+
+    def routed(self, decision: RouteDecision) -> CallContext:
+        """This context with its routing decision."""
+        return replace(self, route=decision)
 
 
 def request_id_for(request: Request[Any, Any, Any]) -> str:

@@ -19,9 +19,13 @@ from litestar.response import Stream
 
 from gateway.api.context import CallContext, authorize, read_json_object
 from gateway.api.sse import SseFramer, StreamUsage, usage_from
-from gateway.errors import BadRequestError, NotFoundError, PermissionDeniedError
-from gateway.policy.compiled import ModelRoute
-from gateway.routing.picker import round_robin
+from gateway.errors import BadRequestError
+from gateway.policy.compiled import ModelRoute, PriorityClass
+from gateway.queueing.classes import PRIORITY_HEADER, resolve_priority
+from gateway.queueing.pool import Slot
+from gateway.quota.admission import Grant
+from gateway.routing.affinity import SESSION_HEADER, session_id_of
+from gateway.routing.resolve import RouteDecision, virtual_models_for
 from gateway.services import Services, services_of
 from gateway.upstream.proxy import UpstreamResponse
 
@@ -63,26 +67,20 @@ def _check_fields(body: dict[str, Any], kind: str) -> bool:
     return stream
 
 
-def _route(ctx: CallContext, name: str) -> ModelRoute:
-    route = ctx.policy.models.get(name)
-    if route is None:
-        raise NotFoundError(f"The model '{name}' does not exist", param="model")
-    if not ctx.tenant.may_use(name):
-        raise PermissionDeniedError(
-            f"tenant '{ctx.tenant.tenant_id}' may not use the model '{name}'",
-            code="model_not_allowed",
-            param="model",
-        )
-    return route
-
-
-def _response_headers(ctx: CallContext, route: ModelRoute, overhead_s: float) -> dict[str, str]:
+# --- routing (issue 6): model resolution headers -------------------------------
+def _response_headers(
+    ctx: CallContext, decision: RouteDecision, overhead_s: float
+) -> dict[str, str]:
     return {
         "x-request-id": ctx.request_id,
-        "x-tollgate-model": route.name,
-        "x-tollgate-route": "explicit",
+        "x-tollgate-model": decision.route.name,
+        "x-tollgate-model-version": decision.version.name,
+        "x-tollgate-route": decision.header(),
         "x-tollgate-overhead-ms": f"{overhead_s * 1000:.3f}",
     }
+
+
+# --- end routing ---------------------------------------------------------------
 
 
 def _log(
@@ -95,6 +93,7 @@ def _log(
     stream: bool,
     outcome: str,
     ttfb_s: float,
+    slot: Slot,
 ) -> None:
     log.info(
         "request",
@@ -103,12 +102,16 @@ def _log(
         app=ctx.principal.app_id,
         model=route.name,
         replica=upstream.replica.url,
+        attempts=upstream.num_attempts,
+        **(ctx.route.log_fields() if ctx.route is not None else {}),
         status=status,
         outcome=outcome,
         stream=stream,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         cached_tokens=usage.cached_tokens,
+        priority=slot.priority,
+        queue_ms=round(slot.wait_s * 1000, 3),
         ttfb_ms=round(ttfb_s * 1000, 3),
         total_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
     )
@@ -119,10 +122,58 @@ async def _forward(
 ) -> Response[bytes] | Stream:
     ctx = await authorize(request, services)
     body = await read_json_object(request, services.settings.max_body_bytes)
-    route = _route(ctx, _require_model(body))
+    requested = _require_model(body)
     stream = _check_fields(body, kind)
+    priority = resolve_priority(ctx.policy, ctx.tenant, request.headers.get(PRIORITY_HEADER))
+    # --- routing (issue 6): explicit, small/large or auto; tenant tiers; fallback;
+    # canary version. Kept on the context for the log line (and the usage record).
+    session_id = session_id_of(request.headers.get(SESSION_HEADER))
+    decision = services.router.decide(
+        ctx.policy,
+        ctx.tenant,
+        requested,
+        body,
+        kind,
+        priority,
+        session_id=session_id,
+        request_id=ctx.request_id,
+    )
+    ctx = ctx.routed(decision)
+    route = decision.route
+    # --- end routing
+    # Quota: reserve prompt + max_tokens (may set max_tokens in the body).
+    # From here every exit settles or releases the grant, exactly once.
+    grant = await services.quota.admit(
+        ctx.policy, ctx.tenant, ctx.principal.app_id, route, body, kind
+    )
+    try:
+        return await _proxy(
+            services, request, ctx, route, body, stream, priority, grant, path, kind, session_id
+        )
+    except BaseException as exc:
+        grant.finish_after_error(exc)
+        raise
+
+
+async def _proxy(
+    services: Services,
+    request: Request[Any, Any, Any],
+    ctx: CallContext,
+    route: ModelRoute,
+    body: dict[str, Any],
+    stream: bool,
+    priority: PriorityClass,
+    grant: Grant,
+    path: str,
+    kind: str,
+    session_id: str | None,
+) -> Response[bytes] | Stream:
+    """Queue, forward and relay an admitted request; settles `grant` when the
+    response is complete (errors are finished by the caller)."""
+    assert ctx.route is not None
+    decision = ctx.route
     client_wants_usage = False
-    body["model"] = route.upstream_model
+    body["model"] = decision.version.upstream_model
     if stream:
         # Always ask the backend for usage so a streamed request is never
         # unaccounted; the usage event reaches the client only if it asked.
@@ -133,21 +184,57 @@ async def _forward(
     payload = _encode(body)
     headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
     pool = route.pool
-    replicas = round_robin(pool.replicas, services.turns.next(pool.name))
-    sent_at = time.perf_counter()
-    overhead = sent_at - ctx.started
-    upstream = await services.upstream.open(replicas, path, payload, headers, pool.timeouts)
+    raw = b""
+    # Queueing: a slot of the pool, held from here until the response ends
+    # (released below, after the body is read or in the stream's `finally`);
+    # the queue orders by the tokens the quota reserved (prompt + max_tokens).
+    queue = services.queues.for_pool(pool)
+    cost = grant.reserved_tokens
+    async with queue.admit(priority, ctx.tenant.tenant_id, cost, request.receive) as slot:
+        # --- routing (issue 6): replicas in the order to try them, from the
+        # load and health as they are when the slot is granted; the upstream
+        # client retries the next one before any byte reached the client.
+        replicas = services.router.replicas_for(decision, body, kind, session_id)
+        # --- end routing
+        sent_at = time.perf_counter()
+        overhead = sent_at - ctx.started - slot.wait_s
+        grant.sent = True
+        if stream:
+            upstream = await services.upstream.open(
+                replicas, path, payload, headers, pool.timeouts, cost=cost
+            )
+            slot.keep()
+        else:
+            # Read whole while holding the slot, so that a replica dying
+            # mid-response is retried on the next one.
+            upstream, raw = await services.upstream.complete(
+                replicas, path, payload, headers, pool.timeouts, cost=cost
+            )
     ttfb = time.perf_counter() - sent_at
-    response_headers = _response_headers(ctx, route, overhead)
+    response_headers = _response_headers(ctx, decision, overhead)
+    response_headers.update(grant.headers)
+    response_headers["x-tollgate-priority"] = slot.priority
+    response_headers["x-tollgate-queue-ms"] = f"{slot.wait_s * 1000:.3f}"
 
     if not stream:
-        raw = await upstream.read()
         try:
-            parsed = _decode(raw)
-            usage = usage_from(parsed.get("usage") or {})
+            reported = _decode(raw).get("usage")
+            # No usage object: unknown (the reservation is charged), not zero.
+            usage = usage_from(reported) if isinstance(reported, dict) else StreamUsage()
         except (msgspec.DecodeError, AttributeError):
             usage = StreamUsage()
-        _log(ctx, route, upstream, status=200, usage=usage, stream=False, outcome="ok", ttfb_s=ttfb)
+        await grant.settle(_used_tokens(usage))
+        _log(
+            ctx,
+            route,
+            upstream,
+            status=200,
+            usage=usage,
+            stream=False,
+            outcome="ok",
+            ttfb_s=ttfb,
+            slot=slot,
+        )
         return Response(raw, media_type="application/json", headers=response_headers)
 
     async def events() -> AsyncIterator[bytes]:
@@ -175,6 +262,9 @@ async def _forward(
             outcome = "upstream_error"
             yield _sse_error("the backend connection failed mid-stream", "upstream_error")
         finally:
+            # First, and without awaiting: this may run under cancellation.
+            grant.settle_soon(_used_tokens(framer.usage))
+            slot.release()
             await upstream.close()
             _log(
                 ctx,
@@ -185,6 +275,7 @@ async def _forward(
                 stream=True,
                 outcome=outcome,
                 ttfb_s=ttfb,
+                slot=slot,
             )
 
     return Stream(
@@ -192,6 +283,11 @@ async def _forward(
         media_type="text/event-stream",
         headers={**response_headers, "cache-control": "no-cache"},
     )
+
+
+def _used_tokens(usage: StreamUsage) -> int | None:
+    """Tokens the backend reported, or None when it reported none."""
+    return usage.prompt_tokens + usage.completion_tokens if usage.seen else None
 
 
 def _sse_error(message: str, code: str) -> bytes:
@@ -216,9 +312,11 @@ async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The models this tenant may use."""
     ctx = await authorize(request, services_of(request))
     created = int(ctx.policy.loaded_at.timestamp())
+    names = [route.name for route in ctx.policy.models_for(ctx.tenant)]
+    names += virtual_models_for(ctx.policy, ctx.tenant)  # small, large, auto
     data = [
-        {"id": route.name, "object": "model", "created": created, "owned_by": "tollgate"}
-        for route in ctx.policy.models_for(ctx.tenant)
+        {"id": name, "object": "model", "created": created, "owned_by": "tollgate"}
+        for name in names
     ]
     return Response(
         _encode({"object": "list", "data": data}),

@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 
 _decode = msgspec.json.Decoder().decode
-_USAGE_MARK = b'"usage":{'
+# Just the key: servers differ on whitespace after the colon (`"usage": {`).
+_USAGE_MARK = b'"usage"'
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -19,6 +21,23 @@ def _invalid(reason: str) -> AuthenticationError:
     return AuthenticationError(f"invalid token: {reason}", code="invalid_token")
 
 
+# Verified tokens are remembered for at most this long, so a key withdrawn
+# from the JWKS or the key files stops being honoured within a minute even for
+# tokens it signed earlier.
+VERIFIED_TTL_S = 60.0
+VERIFIED_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    not_before: float
+    """nbf minus leeway (or -inf)."""
+    expires: float
+    """exp plus leeway (or +inf)."""
+    cached_until: float
+
+
 class Authenticator:
     """Verifies ``Authorization: Bearer <jwt>`` headers against ``AuthSettings``.
 
@@ -31,13 +50,47 @@ class Authenticator:
         self._settings = settings
         self._keys = key_resolver
         self._require = tuple(dict.fromkeys(("iss", "aud", *settings.require_claims)))
+        # Clients reuse one token for many requests; verifying its signature
+        # each time is most of the cost of authentication. The key is the
+        # exact token string whose signature was verified.
+        self._verified: dict[str, _Verified] = {}
 
     async def authenticate(self, authorization_header: str | None) -> Principal:
         """Verify the header and return who is calling."""
         token = self._bearer_token(authorization_header)
-        settings = self._settings
-        if len(token.encode()) > settings.max_token_bytes:
+        if len(token.encode()) > self._settings.max_token_bytes:
             raise _invalid("token is too large")
+        now = time.time()
+        hit = self._verified.get(token)
+        if hit is not None:
+            if now < hit.cached_until:
+                if now >= hit.expires:
+                    raise _invalid("token has expired")
+                if now < hit.not_before:
+                    raise _invalid("token is not yet valid")
+                return hit.principal
+            del self._verified[token]
+        principal, claims = await self._verify(token)
+        self._remember(token, principal, claims, now)
+        return principal
+
+    def _remember(
+        self, token: str, principal: Principal, claims: Mapping[str, Any], now: float
+    ) -> None:
+        leeway = self._settings.leeway_s
+        exp, nbf = claims.get("exp"), claims.get("nbf")
+        if len(self._verified) >= VERIFIED_MAX_ENTRIES:
+            # Drop the oldest entry (dicts keep insertion order).
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = _Verified(
+            principal,
+            float(nbf) - leeway if isinstance(nbf, int | float) else float("-inf"),
+            float(exp) + leeway if isinstance(exp, int | float) else float("inf"),
+            now + VERIFIED_TTL_S,
+        )
+
+    async def _verify(self, token: str) -> tuple[Principal, dict[str, Any]]:
+        settings = self._settings
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -50,7 +103,7 @@ class Authenticator:
         except KeyNotFoundError as exc:
             raise _invalid(str(exc)) from None
         claims = self._decode(token, alg, keys)
-        return self._principal(claims)
+        return self._principal(claims), claims
 
     @staticmethod
     def _bearer_token(authorization_header: str | None) -> str:

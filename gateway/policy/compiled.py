@@ -18,6 +18,25 @@ TenantTier = Literal["free", "standard", "enterprise"]
 ModelTier = Literal["small", "large"]
 PoolKind = Literal["tollgate", "vllm", "trtllm", "openai"]
 StoreFailureMode = Literal["fail_closed", "fail_open"]
+BalanceStrategy = Literal["round_robin", "least_load"]
+AffinityMode = Literal["none", "session", "prefix"]
+FeatureName = Literal[
+    "prompt_tokens",
+    "turns",
+    "code",
+    "math",
+    "reasoning",
+    "long_answer",
+    "tools",
+    "max_tokens",
+    "system_hint",
+    "simple_task",
+]
+"""The ``auto`` classifier's features (gateway.routing.classifier, docs/routing.md)."""
+TIER_NAMES: tuple[ModelTier, ...] = ("small", "large")
+AUTO_MODEL = "auto"
+VIRTUAL_MODEL_NAMES: frozenset[str] = frozenset({AUTO_MODEL, *TIER_NAMES})
+"""Names a client may send that stand for a concrete model chosen at request time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +120,8 @@ class Replica:
 
     url: str
     weight: float
+    max_in_flight: int = 32
+    """Requests the gateway sends it at once; more wait in the pool's queue."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +135,41 @@ class UpstreamTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class BalancerConfig:
+    """How a pool spreads requests over its replicas (docs/routing.md)."""
+
+    strategy: BalanceStrategy = "least_load"
+    affinity: AffinityMode = "prefix"
+    prefix_chars: int = 1024
+    """Characters of the prompt hashed for prefix affinity."""
+    load_factor: float = 1.5
+    """Affinity yields to least load when the preferred replica's load is over
+    this factor of the pool's average ..."""
+    load_slack_tokens: int = 2048
+    """... and more than this many tokens above the least loaded replica."""
+    max_attempts: int = 3
+    """Replicas tried for one request (connect errors, 5xx before the first byte)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Active probes, load polling and passive ejection of one pool's replicas."""
+
+    liveness_path: str | None = "/health"
+    readiness_path: str | None = "/ready"
+    probe_interval_s: float = 2.0
+    probe_timeout_s: float = 2.0
+    deep_probe_interval_s: float | None = None
+    """Generate one token this often (None: never)."""
+    load_interval_s: float = 0.5
+    failures_to_eject: int = 3
+    successes_to_restore: int = 2
+    ejection_base_s: float = 2.0
+    """First ejection's length; each further ejection in a row doubles it."""
+    ejection_max_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Pool:
     """Interchangeable replicas of one backend kind."""
 
@@ -121,6 +177,25 @@ class Pool:
     kind: PoolKind
     replicas: tuple[Replica, ...]
     timeouts: UpstreamTimeouts
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    @property
+    def capacity(self) -> int:
+        """Concurrent requests the pool takes: ``max_in_flight`` summed over
+        the replicas that are not drained (at least 1)."""
+        return max(1, sum(r.max_in_flight for r in self.replicas if r.weight > 0))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One version of a model inside its pool, with its share of the traffic."""
+
+    name: str
+    upstream_model: str
+    weight: float = 1.0
+    replicas: frozenset[str] | None = None
+    """URLs of the pool's replicas that serve it; None: every replica."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,19 +204,31 @@ class ModelRoute:
 
     name: str
     upstream_model: str
+    """The first version's upstream name (the only one without a canary)."""
     tier: ModelTier
     context_length: int
     pool: Pool
     tokenizer: str | None = None
+    versions: tuple[ModelVersion, ...] = ()
+    """A canary split; empty means one version, ``upstream_model`` on every replica."""
+
+    @property
+    def served_versions(self) -> tuple[ModelVersion, ...]:
+        """The versions traffic is split over (at least one)."""
+        return self.versions or (ModelVersion("default", self.upstream_model),)
 
 
 @dataclass(frozen=True, slots=True)
 class PriorityClass:
-    """A queueing class; lower ``priority`` is served first."""
+    """A queueing class: its share of a saturated pool is proportional to
+    ``weight``; ``priority`` (lower first) breaks ties (docs/queueing.md)."""
 
     name: str
     priority: int
     max_queue_wait_s: float
+    weight: float = 1.0
+    max_queue_length: int = 1000
+    """Requests of this class that may wait per pool; more are refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +259,46 @@ class Pricing:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassifierConfig:
+    """Weights and thresholds of the ``auto`` classifier (gateway.routing.classifier).
+
+    The score is ``bias`` plus the sum of ``weights[f] * value(f)`` over the
+    features; ``large`` when the score is at least ``threshold``.
+    """
+
+    threshold: float = 1.0
+    bias: float = 0.0
+    weights: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    long_prompt_tokens: int = 1500
+    """Prompt tokens at which the ``prompt_tokens`` feature reaches 1."""
+    long_output_tokens: int = 2048
+    """Requested ``max_tokens`` at which ``max_tokens`` reaches 1."""
+    many_turns: int = 6
+    """User turns at which ``turns`` reaches 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    """What the names ``small``, ``large`` and ``auto`` mean."""
+
+    tiers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Tier -> the concrete model it names; a tier absent here cannot be named."""
+    tenant_tiers: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Tenant tier -> the model tiers its tenants may use (absent: all)."""
+    fallback: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Tier -> the tier to use when its pool has no healthy replica or its
+    queue is full (absent: 503)."""
+    auto: ClassifierConfig | None = None
+    """The ``auto`` classifier; None: the name ``auto`` is not offered."""
+
+    def tiers_for(self, tenant: TenantPolicy) -> tuple[str, ...]:
+        """The model tiers ``tenant``'s tier may use."""
+        return self.tenant_tiers.get(tenant.tier, TIER_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """Everything the gateway decides from, as of one successful load."""
 
@@ -183,6 +310,7 @@ class Policy:
     pools: Mapping[str, Pool]
     priority_classes: Mapping[str, PriorityClass]
     pricing: Pricing
+    routing: RoutingPolicy = field(default_factory=RoutingPolicy)
 
     def tenant(self, tenant_id: str) -> TenantPolicy | None:
         """The tenant with this id, or None."""
@@ -190,12 +318,17 @@ class Policy:
 
     def models_for(self, tenant: TenantPolicy) -> list[ModelRoute]:
         """The models ``tenant`` may use, in name order."""
-        return [route for name, route in sorted(self.models.items()) if tenant.may_use(name)]
+        return [route for _, route in sorted(self.models.items()) if self.usable(tenant, route)]
 
     def model_for(self, tenant: TenantPolicy, name: str) -> ModelRoute | None:
         """The route for ``name`` when it exists and ``tenant`` may use it, else None."""
         route = self.models.get(name)
-        return route if route is not None and tenant.may_use(name) else None
+        return route if route is not None and self.usable(tenant, route) else None
+
+    def usable(self, tenant: TenantPolicy, route: ModelRoute) -> bool:
+        """Whether ``tenant`` may use ``route``: its file lists the model and
+        its tier (``routing.tenant_tiers``) allows the model's tier."""
+        return tenant.may_use(route.name) and route.tier in self.routing.tiers_for(tenant)
 
     def allows_model(self, tenant: TenantPolicy, name: str) -> bool:
         """Whether ``name`` exists and ``tenant`` may use it."""

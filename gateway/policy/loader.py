@@ -26,8 +26,11 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from gateway.policy import compiled as c
 from gateway.policy.errors import PolicyError, PolicyIssue
 from gateway.policy.schema import (
+    HealthFile,
     LimitsWithOverrides,
+    ModelFile,
     PolicyDocument,
+    RoutingFile,
     TenantFile,
 )
 
@@ -330,9 +333,26 @@ def _names(raw: Any) -> frozenset[str] | None:
 def _check_document(doc: PolicyDocument, file_for: Any) -> list[PolicyIssue]:
     issues: list[PolicyIssue] = []
     for name, model in doc.models.items():
-        if model.pool not in doc.pools:
-            loc: KeyPath = ("models", name, "pool")
+        loc: KeyPath
+        if name in c.VIRTUAL_MODEL_NAMES:
+            loc = ("models", name)
+            issues.append(
+                file_for(loc).issue(loc, f"{name!r} is reserved for routing (docs/routing.md)")
+            )
+        pool = doc.pools.get(model.pool)
+        if pool is None:
+            loc = ("models", name, "pool")
             issues.append(file_for(loc).issue(loc, f"unknown pool {model.pool!r}"))
+            continue
+        urls = {r.url for r in pool.replicas}
+        for i, version in enumerate(model.versions or ()):
+            for j, url in enumerate(version.replicas or ()):
+                if url not in urls:
+                    loc = ("models", name, "versions", i, "replicas", j)
+                    issues.append(
+                        file_for(loc).issue(loc, f"{url!r} is not a replica of pool {model.pool!r}")
+                    )
+    issues.extend(_check_routing(doc, file_for))
     for name in doc.models:
         if name not in doc.prices:
             issues.append(file_for(("prices",)).issue(("prices",), f"no price for model {name!r}"))
@@ -340,6 +360,32 @@ def _check_document(doc: PolicyDocument, file_for: Any) -> list[PolicyIssue]:
         if name not in doc.models:
             loc = ("prices", name)
             issues.append(file_for(loc).issue(loc, f"price for unknown model {name!r}"))
+    return issues
+
+
+def _check_routing(doc: PolicyDocument, file_for: Any) -> list[PolicyIssue]:
+    issues: list[PolicyIssue] = []
+    routing = doc.routing
+    for tier, name in routing.tiers.items():
+        loc: KeyPath = ("routing", "tiers", tier)
+        model = doc.models.get(name)
+        if model is None:
+            issues.append(file_for(loc).issue(loc, f"unknown model {name!r}"))
+        elif model.tier != tier:
+            issues.append(
+                file_for(loc).issue(loc, f"model {name!r} is of tier {model.tier!r}, not {tier!r}")
+            )
+    for tier, other in routing.fallback.items():
+        for end in (tier, other):
+            if end not in routing.tiers:
+                loc = ("routing", "fallback", tier)
+                issues.append(
+                    file_for(loc).issue(loc, f"tier {end!r} names no model (routing.tiers)")
+                )
+                break
+    if routing.auto is not None and not routing.tiers:
+        loc = ("routing", "auto")
+        issues.append(file_for(loc).issue(loc, "auto needs routing.tiers to name its models"))
     return issues
 
 
@@ -406,29 +452,30 @@ def _compile(doc: PolicyDocument, tenants: Mapping[str, TenantFile]) -> c.Policy
         name: c.Pool(
             name=name,
             kind=p.kind,
-            replicas=tuple(c.Replica(url=r.url, weight=r.weight) for r in p.replicas),
+            replicas=tuple(
+                c.Replica(url=r.url, weight=r.weight, max_in_flight=r.max_in_flight)
+                for r in p.replicas
+            ),
             timeouts=c.UpstreamTimeouts(
                 connect_s=p.timeouts.connect_s,
                 first_byte_s=p.timeouts.first_byte_s,
                 between_chunks_s=p.timeouts.between_chunks_s,
                 total_s=p.timeouts.total_s,
             ),
+            balancer=c.BalancerConfig(**p.balancer.model_dump()),
+            health=_health(p.kind, p.health),
         )
         for name, p in doc.pools.items()
     }
-    models = {
-        name: c.ModelRoute(
-            name=name,
-            upstream_model=m.upstream_model,
-            tier=m.tier,
-            context_length=m.context_length,
-            pool=pools[m.pool],
-            tokenizer=m.tokenizer,
-        )
-        for name, m in doc.models.items()
-    }
+    models = {name: _model(name, m, pools[m.pool]) for name, m in doc.models.items()}
     classes = {
-        name: c.PriorityClass(name=name, priority=p.priority, max_queue_wait_s=p.max_queue_wait_s)
+        name: c.PriorityClass(
+            name=name,
+            priority=p.priority,
+            max_queue_wait_s=p.max_queue_wait_s,
+            weight=p.weight,
+            max_queue_length=p.max_queue_length,
+        )
         for name, p in doc.priority_classes.items()
     }
     prices = {
@@ -473,6 +520,68 @@ def _compile(doc: PolicyDocument, tenants: Mapping[str, TenantFile]) -> c.Policy
         pools=_frozen(pools),
         priority_classes=_frozen(classes),
         pricing=c.Pricing(currency=doc.currency, prices=_frozen(prices)),
+        routing=_routing(doc.routing),
+    )
+
+
+# Probe paths per pool kind when a pool's health section does not name them.
+_PROBE_PATHS: dict[c.PoolKind, tuple[str | None, str | None]] = {
+    "tollgate": ("/health", "/ready"),
+    "vllm": ("/health", "/v1/models"),
+    "trtllm": ("/health", "/v1/models"),
+    "openai": (None, "/v1/models"),
+}
+
+
+def _health(kind: c.PoolKind, raw: HealthFile) -> c.HealthConfig:
+    liveness, readiness = _PROBE_PATHS[kind]
+    values = raw.model_dump()
+    # Omitted: the kind's path; an explicit null: no such probe.
+    if "liveness_path" not in raw.model_fields_set:
+        values["liveness_path"] = liveness
+    if "readiness_path" not in raw.model_fields_set:
+        values["readiness_path"] = readiness
+    return c.HealthConfig(**values)
+
+
+def _model(name: str, raw: ModelFile, pool: c.Pool) -> c.ModelRoute:
+    versions = tuple(
+        c.ModelVersion(
+            name=v.name,
+            upstream_model=v.upstream_model,
+            weight=v.weight,
+            replicas=frozenset(v.replicas) if v.replicas is not None else None,
+        )
+        for v in raw.versions or ()
+    )
+    upstream = raw.upstream_model if raw.upstream_model is not None else versions[0].upstream_model
+    return c.ModelRoute(
+        name=name,
+        upstream_model=upstream,
+        tier=raw.tier,
+        context_length=raw.context_length,
+        pool=pool,
+        tokenizer=raw.tokenizer,
+        versions=versions,
+    )
+
+
+def _routing(raw: RoutingFile) -> c.RoutingPolicy:
+    auto = raw.auto
+    return c.RoutingPolicy(
+        tiers=_frozen({str(t): m for t, m in raw.tiers.items()}),
+        tenant_tiers=_frozen({t: tuple(tiers) for t, tiers in raw.tenant_tiers.items()}),
+        fallback=_frozen({str(t): str(o) for t, o in raw.fallback.items()}),
+        auto=None
+        if auto is None
+        else c.ClassifierConfig(
+            threshold=auto.threshold,
+            bias=auto.bias,
+            weights=_frozen({str(f): w for f, w in auto.weights.items()}),
+            long_prompt_tokens=auto.long_prompt_tokens,
+            long_output_tokens=auto.long_output_tokens,
+            many_turns=auto.many_turns,
+        ),
     )
 
 

@@ -5,7 +5,7 @@ Two kinds of file:
 - ``tenants/<id>.yaml``: one ``TenantFile`` each.
 - ``policies/*.yaml``: any number of files whose top-level keys are merged
   into one ``PolicyDocument`` (``models``, ``pools``, ``priority_classes``,
-  ``currency``, ``prices``); a key defined in two files is an error.
+  ``currency``, ``prices``, ``routing``); a key defined in two files is an error.
 
 Every model forbids unknown keys and coerces nothing (``"60"`` is not an
 integer), so a typo is an error instead of a silently ignored setting.
@@ -30,7 +30,15 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.policy.compiled import ModelTier, PoolKind, StoreFailureMode, TenantTier
+from gateway.policy.compiled import (
+    AffinityMode,
+    BalanceStrategy,
+    FeatureName,
+    ModelTier,
+    PoolKind,
+    StoreFailureMode,
+    TenantTier,
+)
 
 TenantId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
@@ -40,6 +48,9 @@ ModelOrWildcard = Annotated[
 ]
 PositiveInt = Annotated[int, Field(gt=0)]
 Seconds = Annotated[float, Field(gt=0)]
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/\S*)?$")]
+UrlPath = Annotated[str, StringConstraints(pattern=r"^/\S*$")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _to_decimal(value: Any) -> Any:
@@ -145,8 +156,68 @@ class UpstreamTimeoutsFile(_Strict):
 class ReplicaFile(_Strict):
     """One backend endpoint; ``weight`` 0 drains it without removing it."""
 
-    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(/\S*)?$")]
+    url: Url
     weight: Annotated[float, Field(ge=0)] = 1.0
+    max_in_flight: PositiveInt = Field(
+        default=32,
+        description="requests the gateway sends this replica at once; the pool's capacity "
+        "is the sum over replicas with a weight above 0, and requests beyond it queue",
+    )
+
+
+class BalancerFile(_Strict):
+    """How requests are spread over a pool's replicas (docs/routing.md)."""
+
+    strategy: BalanceStrategy = Field(
+        default="least_load",
+        description="least_load: fewest tokens queued and decoding per unit of weight; "
+        "round_robin: in turn",
+    )
+    affinity: AffinityMode = Field(
+        default="prefix",
+        description="prefix: the x-session-id header, else a hash of the prompt's first "
+        "prefix_chars characters, picks a preferred replica (rendezvous hashing); "
+        "session: the header only; none: no affinity",
+    )
+    prefix_chars: PositiveInt = 1024
+    load_factor: Annotated[float, Field(ge=1, allow_inf_nan=False)] = Field(
+        default=1.5,
+        description="affinity yields to least load when the preferred replica's load is "
+        "over this factor of the average and over load_slack_tokens above the least loaded",
+    )
+    load_slack_tokens: Annotated[int, Field(ge=0)] = 2048
+    max_attempts: PositiveInt = Field(
+        default=3,
+        description="replicas tried for one request on connect errors and 5xx before "
+        "the first byte",
+    )
+
+
+class HealthFile(_Strict):
+    """Active probes, load polling and passive ejection of a pool's replicas.
+
+    Probe paths default by pool kind (tollgate: /health and /ready; vllm and
+    trtllm: /health and /v1/models; openai: /v1/models only); null turns one off.
+    """
+
+    liveness_path: UrlPath | None = None
+    readiness_path: UrlPath | None = None
+    probe_interval_s: Seconds = 2.0
+    probe_timeout_s: Seconds = 2.0
+    deep_probe_interval_s: Seconds | None = Field(
+        default=None, description="generate one token this often; null: never"
+    )
+    load_interval_s: Seconds = Field(default=0.5, description="how often load is read")
+    failures_to_eject: PositiveInt = Field(
+        default=3, description="consecutive failures (requests or probes) that eject a replica"
+    )
+    successes_to_restore: PositiveInt = Field(
+        default=2, description="consecutive successful probes that bring it back"
+    )
+    ejection_base_s: Seconds = Field(
+        default=2.0, description="first ejection's length; doubles for each one in a row"
+    )
+    ejection_max_s: Seconds = 60.0
 
 
 class PoolFile(_Strict):
@@ -155,6 +226,8 @@ class PoolFile(_Strict):
     kind: PoolKind
     replicas: list[ReplicaFile] = Field(min_length=1)
     timeouts: UpstreamTimeoutsFile = Field(default_factory=UpstreamTimeoutsFile)
+    balancer: BalancerFile = Field(default_factory=BalancerFile)
+    health: HealthFile = Field(default_factory=HealthFile)
 
     @model_validator(mode="after")
     def _some_weight(self) -> PoolFile:
@@ -163,11 +236,29 @@ class PoolFile(_Strict):
         return self
 
 
+class VersionFile(_Strict):
+    """One version of a model (a canary split), served inside the model's pool."""
+
+    name: Name
+    upstream_model: Annotated[str, StringConstraints(min_length=1)]
+    weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = Field(
+        description="share of the model's traffic, relative to the other versions"
+    )
+    replicas: list[Url] | None = Field(
+        default=None, description="the pool's replicas that serve it (URLs); default all"
+    )
+
+
 class ModelFile(_Strict):
     """A model the gateway exposes, and where it is served."""
 
-    upstream_model: Annotated[str, StringConstraints(min_length=1)] = Field(
-        description="the model name the backend serves"
+    upstream_model: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+        default=None, description="the model name the backend serves (or give versions)"
+    )
+    versions: list[VersionFile] | None = Field(
+        default=None,
+        min_length=1,
+        description="a weighted split between versions, sticky per x-session-id",
     )
     pool: Name
     tier: ModelTier
@@ -176,12 +267,82 @@ class ModelFile(_Strict):
         default=None, description="tokenizer for counting prompt tokens; estimated if absent"
     )
 
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelFile:
+        if (self.upstream_model is None) == (self.versions is None):
+            raise ValueError("give either upstream_model or versions")
+        if self.versions is not None:
+            names = [v.name for v in self.versions]
+            if len(set(names)) != len(names):
+                raise ValueError("two versions share a name")
+            if all(v.weight == 0 for v in self.versions):
+                raise ValueError("at least one version needs a weight above 0")
+        return self
+
+
+class ClassifierFile(_Strict):
+    """The ``auto`` classifier: large when bias + sum(weight * feature) >= threshold."""
+
+    threshold: Finite
+    bias: Finite = 0.0
+    weights: dict[FeatureName, Finite] = Field(
+        default_factory=dict, description="per feature (docs/routing.md); absent: 0"
+    )
+    long_prompt_tokens: PositiveInt = 1500
+    long_output_tokens: PositiveInt = 2048
+    many_turns: Annotated[int, Field(gt=1)] = 6
+
+
+class RoutingFile(_Strict):
+    """The model names ``small``, ``large`` and ``auto``, tenant tiers and fallback."""
+
+    tiers: dict[ModelTier, Name] = Field(
+        default_factory=dict, description="the concrete model each tier name stands for"
+    )
+    tenant_tiers: dict[TenantTier, list[ModelTier]] = Field(
+        default_factory=dict,
+        description="the model tiers each tenant tier may use; absent: all",
+    )
+    fallback: dict[ModelTier, ModelTier] = Field(
+        default_factory=dict,
+        description="the tier used when a tier's pool has no healthy replica or its "
+        "queue is full; absent: 503",
+    )
+    auto: ClassifierFile | None = Field(
+        default=None, description="the classifier behind the model name auto; absent: no auto"
+    )
+
+    @field_validator("fallback")
+    @classmethod
+    def _other_tier(cls, value: dict[str, str]) -> dict[str, str]:
+        for tier, other in value.items():
+            if tier == other:
+                raise ValueError(f"{tier} cannot fall back to itself")
+        return value
+
+    @field_validator("tenant_tiers")
+    @classmethod
+    def _some_tier(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for tenant_tier, tiers in value.items():
+            if not tiers:
+                raise ValueError(f"{tenant_tier}: list at least one model tier")
+            if len(set(tiers)) != len(tiers):
+                raise ValueError(f"{tenant_tier}: a tier is listed twice")
+        return value
+
 
 class PriorityClassFile(_Strict):
-    """A queueing class: lower ``priority`` is served first."""
+    """A queueing class: a saturated pool serves classes in proportion to their
+    ``weight`` (in tokens); lower ``priority`` goes first on a tie."""
 
     priority: Annotated[int, Field(ge=0)]
     max_queue_wait_s: Seconds
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] = Field(
+        default=1.0, description="share of a saturated pool, relative to the other classes"
+    )
+    max_queue_length: PositiveInt = Field(
+        default=1000, description="requests of this class that may wait per pool"
+    )
 
 
 class PriceFile(_Strict):
@@ -204,6 +365,7 @@ class PolicyDocument(_Strict):
     priority_classes: dict[Name, PriorityClassFile] = Field(min_length=1)
     currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] = "USD"
     prices: dict[Name, list[PriceFile]] = Field(default_factory=dict)
+    routing: RoutingFile = Field(default_factory=RoutingFile)
 
     @field_validator("prices")
     @classmethod

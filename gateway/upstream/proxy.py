@@ -1,10 +1,21 @@
-"""Forwarding to backends over one pooled httpx client.
+"""Forwarding to backends over one pooled aiohttp session.
 
 The proxy awaits the backend's status and headers before the gateway commits
-its own response, so a backend that refuses the connection is retried on
-another replica before any byte reaches the client, and backend errors become
-OpenAI-format gateway errors. Retries happen only before the request reached a
-backend: a request a backend may have started is never sent twice.
+its own response, so a replica that refuses the connection, drops it before
+answering, or answers 5xx is retried on the next replica before any byte
+reaches the client (a non-streamed body is read whole first, so a replica
+that dies mid-response is retried too); after bytes reached the client
+nothing is retried. Backend errors become OpenAI-format gateway errors.
+
+Every attempt is booked on its replica (``gateway.upstream.health``): its
+tokens count as in flight there until the response ends, and its outcome
+feeds passive health (connect errors, disconnects, 5xx, timeouts and broken
+streams are failures; any other answer a success).
+
+This is the one hot path that does not use httpx: measured side by side on the
+same fake backend, httpx spent about ten times aiohttp's CPU per proxied
+request (docs/decisions.md), more than the gateway's whole overhead budget.
+Control-plane calls (JWKS, load and health probes) keep httpx.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from gateway.errors import (
@@ -28,8 +39,22 @@ from gateway.errors import (
     UpstreamTimeoutError,
 )
 from gateway.policy.compiled import Replica, UpstreamTimeouts
+from gateway.upstream.health import ReplicaBook, Ticket, report_failure, report_success
 
 _decode = msgspec.json.Decoder().decode
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The process's pooled upstream session: unlimited connections (the
+    priority queues bound concurrency), no cookies, no redirects followed,
+    no compression asked for."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
 
 
 @dataclass
@@ -37,41 +62,71 @@ class UpstreamResponse:
     """An open backend response whose status and headers have arrived."""
 
     replica: Replica
-    response: httpx.Response
+    response: aiohttp.ClientResponse
     timeouts: UpstreamTimeouts
     deadline: float
     """time.monotonic() after which the whole exchange is abandoned."""
+    ticket: Ticket | None = None
+    """The request's booking on its replica (None without a ReplicaBook)."""
+    num_attempts: int = 1
+    """Replicas tried for this request, this one included."""
+
+    def _finish(self, failure: str | None) -> None:
+        """End the booking once; ``failure`` counts against the replica's health."""
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            if failure is not None:
+                report_failure(ticket.state, failure)
+            ticket.end()
 
     async def read(self) -> bytes:
         """The whole body, within the total deadline."""
         try:
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-                return await self.response.aread()
+                body = await self.response.read()
         except TimeoutError as exc:
+            self._finish("the response did not finish in time")
             raise UpstreamTimeoutError("the backend did not finish in time") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
+            self._finish(f"connection broke mid-response: {type(exc).__name__}")
             raise UpstreamError("the backend connection failed mid-response") from exc
         finally:
-            await self.response.aclose()
+            self.response.release()
+        self._finish(None)
+        return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive, each within the between-chunks timeout."""
-        iterator = self.response.aiter_raw()
+        """Body chunks as they arrive, each within the between-chunks timeout;
+        a broken connection raises ``aiohttp.ClientError``."""
+        content = self.response.content
         try:
             while True:
                 budget = min(self.timeouts.between_chunks_s, self.deadline - time.monotonic())
-                try:
-                    async with asyncio.timeout(max(0.0, budget)):
-                        chunk = await iterator.__anext__()
-                except StopAsyncIteration:
+                async with asyncio.timeout(max(0.0, budget)):
+                    chunk = await content.readany()
+                if not chunk:
+                    if not content.is_eof():
+                        raise UpstreamError("the backend connection closed mid-stream")
                     return
                 yield chunk
+        except (TimeoutError, aiohttp.ClientError, UpstreamError) as exc:
+            self._finish(f"stream broke: {type(exc).__name__}")
+            raise
         finally:
-            await self.response.aclose()
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Drop the connection unless the body was read to its end; dropping
+        it is what cancels the request on the backend."""
+        self._finish(None)
+        if self.response.content.is_eof():
+            self.response.release()
+        else:
+            self.response.close()
 
     async def close(self) -> None:
         """Drop the connection (cancels the request on the backend)."""
-        await self.response.aclose()
+        self.close_now()
 
 
 def _error_from_backend(status: int, body: bytes, headers: Mapping[str, str]) -> GatewayError:
@@ -104,11 +159,43 @@ def _error_from_backend(status: int, body: bytes, headers: Mapping[str, str]) ->
     return UpstreamError(f"the backend failed with status {status}")
 
 
-class UpstreamClient:
-    """Sends requests to backends; owns nothing but the shared httpx client."""
+class _TryNext(Exception):
+    """This replica failed before answering: try the next one, or raise ``error``."""
 
-    def __init__(self, client: httpx.AsyncClient):
-        self._client = client
+    def __init__(self, error: GatewayError, *, answered: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.answered = answered
+        """Whether the replica answered (a 5xx) rather than failing to connect."""
+
+
+# Failures before any response byte that leave the request safe to send
+# elsewhere: nothing reached the client yet.
+_RETRYABLE = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+)
+
+
+class UpstreamClient:
+    """Sends requests to backends over the shared session."""
+
+    def __init__(self, session: aiohttp.ClientSession, book: ReplicaBook | None = None):
+        self._session = session
+        self._book = book
+        self._timeouts: dict[UpstreamTimeouts, aiohttp.ClientTimeout] = {}
+
+    def _timeout(self, timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
+        # sock_read bounds the wait for the status line and headers (the
+        # first byte); chunks() then applies the between-chunks budget.
+        timeout = self._timeouts.get(timeouts)
+        if timeout is None:
+            timeout = self._timeouts[timeouts] = aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.first_byte_s
+            )
+        return timeout
 
     async def open(
         self,
@@ -117,46 +204,130 @@ class UpstreamClient:
         body: bytes,
         headers: Mapping[str, str],
         timeouts: UpstreamTimeouts,
+        *,
+        cost: int = 0,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
-        """POST `body` to the first replica that accepts the connection and
+        """POST `body` to `replicas` in order until one answers below 500 and
         return once its status and headers arrived; errors are raised as
-        gateway errors."""
+        gateway errors. `cost` (prompt + max_tokens) is booked as in flight
+        on the replica until the response ends."""
         if not replicas:
             raise ServiceUnavailableError("no backend replica is configured for this model")
-        deadline = time.monotonic() + timeouts.total_s
-        timeout = httpx.Timeout(
-            connect=timeouts.connect_s,
-            read=timeouts.first_byte_s,
-            write=timeouts.connect_s,
-            pool=timeouts.connect_s,
-        )
-        last_error: Exception | None = None
-        for replica in replicas:
-            request = self._client.build_request(
-                "POST",
-                replica.url.rstrip("/") + path,
-                content=body,
-                headers=headers,
-                timeout=timeout,
-            )
+        if deadline is None:
+            deadline = time.monotonic() + timeouts.total_s
+        last: GatewayError | None = None
+        last_answered = False
+        for attempt, replica in enumerate(replicas, 1):
             try:
-                response = await self._client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last_error = exc
-                continue  # nothing reached this replica: safe to try the next
-            except httpx.TimeoutException as exc:
+                upstream = await self._attempt(
+                    replica, path, body, headers, timeouts, deadline, cost
+                )
+            except _TryNext as retry:
+                # A backend's own error says more than a refused connection.
+                if last is None or retry.answered or not last_answered:
+                    last, last_answered = retry.error, retry.answered
+                continue
+            upstream.num_attempts = attempt
+            return upstream
+        assert last is not None
+        raise last
+
+    async def complete(
+        self,
+        replicas: Sequence[Replica],
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeouts: UpstreamTimeouts,
+        *,
+        cost: int = 0,
+    ) -> tuple[UpstreamResponse, bytes]:
+        """`open`, then read the whole body; a replica whose connection breaks
+        mid-response is retried on the next one (nothing reached the client)."""
+        deadline = time.monotonic() + timeouts.total_s
+        remaining = list(replicas)
+        tried = 0
+        while True:
+            upstream = await self.open(
+                remaining, path, body, headers, timeouts, cost=cost, deadline=deadline
+            )
+            used = upstream.num_attempts
+            tried += used
+            upstream.num_attempts = tried
+            try:
+                return upstream, await upstream.read()
+            except UpstreamTimeoutError:
+                raise
+            except UpstreamError:
+                remaining = remaining[used:]
+                if not remaining:
+                    raise
+
+    async def _attempt(
+        self,
+        replica: Replica,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeouts: UpstreamTimeouts,
+        deadline: float,
+        cost: int,
+    ) -> UpstreamResponse:
+        state = self._book.get(replica.url) if self._book is not None else None
+        ticket = state.begin(cost) if state is not None else None
+        upstream: UpstreamResponse | None = None
+        try:
+            try:
+                response = await self._session.post(
+                    replica.url.rstrip("/") + path,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout(timeouts),
+                    allow_redirects=False,
+                )
+            except _RETRYABLE as exc:
+                failure = ServiceUnavailableError(
+                    "no backend replica is reachable for this model", retry_after_s=1.0
+                )
+                failure.__cause__ = exc
+                _failed(ticket, f"{type(exc).__name__} before the response")
+                raise _TryNext(failure, answered=False) from exc
+            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+                _failed(ticket, "no response within first_byte_s")
                 raise UpstreamTimeoutError("the backend did not answer in time") from exc
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
+                _failed(ticket, f"{type(exc).__name__} before the response")
                 raise UpstreamError("the backend connection failed") from exc
-            if response.status_code >= 400:
+            if response.status >= 400:
                 try:
-                    raw = await response.aread()
-                except httpx.HTTPError:
+                    raw = await response.read()
+                except aiohttp.ClientError:
                     raw = b""
                 finally:
-                    await response.aclose()
-                raise _error_from_backend(response.status_code, raw, response.headers)
-            return UpstreamResponse(replica, response, timeouts, deadline)
-        raise ServiceUnavailableError(
-            "no backend replica is reachable for this model", retry_after_s=1.0
-        ) from last_error
+                    response.release()
+                error = _error_from_backend(response.status, raw, response.headers)
+                if response.status >= 500:
+                    _failed(ticket, f"status {response.status}")
+                    raise _TryNext(error, answered=True)
+                _succeeded(ticket)  # the replica works; the request was refused
+                raise error
+            _succeeded(ticket, keep=True)
+            upstream = UpstreamResponse(replica, response, timeouts, deadline, ticket)
+            return upstream
+        finally:
+            if upstream is None and ticket is not None:
+                ticket.end()
+
+
+def _failed(ticket: Ticket | None, reason: str) -> None:
+    if ticket is not None:
+        report_failure(ticket.state, reason)
+        ticket.end()
+
+
+def _succeeded(ticket: Ticket | None, *, keep: bool = False) -> None:
+    if ticket is not None:
+        report_success(ticket.state)
+        if not keep:
+            ticket.end()

@@ -50,18 +50,13 @@ def _gateway(
 
 
 @pytest.fixture
-def fake(fake_upstream: FakeUpstreamProcess) -> FakeUpstreamProcess:
-    """The shared fake with its counters zeroed."""
-    httpx.post(f"{fake_upstream.url}/fake/reset", timeout=5)
-    return fake_upstream
-
-
-@pytest.fixture
 def gw(
-    fake: FakeUpstreamProcess, policy_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    fresh_fake: FakeUpstreamProcess,
+    policy_dirs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[InProcessGateway]:
     """A gateway whose only replica is the fake, with short timeouts."""
-    gateway = _gateway(policy_dirs, [fake.url], monkeypatch)
+    gateway = _gateway(policy_dirs, [fresh_fake.url], monkeypatch)
     gateway.start()
     try:
         yield gateway
@@ -94,7 +89,7 @@ def _error(response: httpx.Response, status: int, code: str | None = None) -> di
 
 
 def test_slow_first_byte_is_a_504_in_time(
-    gw: InProcessGateway, fake: FakeUpstreamProcess, mint: Callable[..., str]
+    gw: InProcessGateway, fresh_fake: FakeUpstreamProcess, mint: Callable[..., str]
 ) -> None:
     started = time.monotonic()
     response = httpx.post(
@@ -109,7 +104,7 @@ def test_slow_first_byte_is_a_504_in_time(
 
 
 def test_stall_between_chunks_ends_the_stream_with_an_error_event(
-    gw: InProcessGateway, fake: FakeUpstreamProcess, mint: Callable[..., str]
+    gw: InProcessGateway, fresh_fake: FakeUpstreamProcess, mint: Callable[..., str]
 ) -> None:
     started = time.monotonic()
     events: list[dict[str, Any]] = []
@@ -132,7 +127,7 @@ def test_stall_between_chunks_ends_the_stream_with_an_error_event(
 
 
 def test_dropped_connection_mid_stream_ends_with_an_error_event(
-    gw: InProcessGateway, fake: FakeUpstreamProcess, mint: Callable[..., str]
+    gw: InProcessGateway, fresh_fake: FakeUpstreamProcess, mint: Callable[..., str]
 ) -> None:
     with httpx.stream(
         "POST",
@@ -152,7 +147,7 @@ def test_dropped_connection_mid_stream_ends_with_an_error_event(
 )
 def test_backend_error_statuses_map_to_openai_errors(
     gw: InProcessGateway,
-    fake: FakeUpstreamProcess,
+    fresh_fake: FakeUpstreamProcess,
     mint: Callable[..., str],
     backend_status: int,
     gateway_status: int,
@@ -169,13 +164,13 @@ def test_backend_error_statuses_map_to_openai_errors(
 
 
 def test_unreachable_replica_is_skipped_before_any_byte(
-    fake: FakeUpstreamProcess,
+    fresh_fake: FakeUpstreamProcess,
     policy_dirs: tuple[Path, Path],
     monkeypatch: pytest.MonkeyPatch,
     mint: Callable[..., str],
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    gateway = _gateway(policy_dirs, [dead, fake.url], monkeypatch)
+    gateway = _gateway(policy_dirs, [dead, fresh_fake.url], monkeypatch)
     gateway.start()
     try:
         statuses = [
@@ -190,7 +185,7 @@ def test_unreachable_replica_is_skipped_before_any_byte(
     finally:
         gateway.stop()
     assert statuses == [200] * 4
-    assert _counters(fake)["completed"] == 4
+    assert _counters(fresh_fake)["completed"] == 4
 
 
 def test_no_reachable_replica_is_a_503_with_retry_after(
@@ -211,7 +206,7 @@ def test_no_reachable_replica_is_a_503_with_retry_after(
 
 
 def test_client_disconnect_mid_stream_cancels_the_backend_request(
-    gw: InProcessGateway, fake: FakeUpstreamProcess, mint: Callable[..., str]
+    gw: InProcessGateway, fresh_fake: FakeUpstreamProcess, mint: Callable[..., str]
 ) -> None:
     # A raw socket, so closing it is an unambiguous disconnect.
     body = json.dumps(_chat({"chunk_interval_ms": 100, "completion_tokens": 200}, stream=True))
@@ -225,11 +220,11 @@ def test_client_disconnect_mid_stream_cancels_the_backend_request(
         received = b""
         while received.count(b"data: ") < 2:
             received += sock.recv(65536)
-        assert _counters(fake)["in_flight"] == 1
+        assert _counters(fresh_fake)["in_flight"] == 1
     deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and _counters(fake)["cancelled"] == 0:
+    while time.monotonic() < deadline and _counters(fresh_fake)["cancelled"] == 0:
         time.sleep(0.05)
-    counters = _counters(fake)
+    counters = _counters(fresh_fake)
     assert counters["cancelled"] == 1 and counters["in_flight"] == 0
     # 200 chunks at 100 ms would take 20 s; the backend saw only the first few.
     assert counters["completion_tokens"] < 40

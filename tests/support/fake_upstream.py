@@ -22,6 +22,12 @@ Per-request behaviour can be set with an ``x_fake`` object in the request body
 ``GET /fake/counters`` reports requests seen, completed, and cancelled (the
 client closed the connection before the response ended), so tests can see a
 cancellation reach the backend. ``POST /fake/reset`` zeroes them.
+
+``--step-ms A --step-per-seq-ms B`` simulate a batched decoder, for
+balancing benchmarks: every running request gets one token per step, and a
+step takes ``A + B * running`` milliseconds, so a replica with more work
+answers more slowly (as a real continuous-batching engine does). ``GET
+/stats`` reports the tokens still to generate as ``active_decode_tokens``.
 """
 
 from __future__ import annotations
@@ -64,6 +70,53 @@ class FakeConfig:
     chunk_interval_ms: float = 0.0
     delay_ms: float = 0.0
     model: str = "smollm2"
+    step_ms: float = 0.0
+    """Simulated decode step (0: tokens cost no time); see the module docstring."""
+    step_per_seq_ms: float = 0.0
+    status: int = 200
+    """Status of every completion (``x_fake.status`` overrides): a failing replica."""
+
+
+class _Progress:
+    """Tokens one request has yet to generate."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+
+class _Decoder:
+    """A batched decoder's timing: each step gives every running sequence one
+    token and takes ``step_ms + step_per_seq_ms * running``."""
+
+    def __init__(self, step_ms: float, per_seq_ms: float) -> None:
+        self.step_s = step_ms / 1000
+        self.per_seq_s = per_seq_ms / 1000
+        self.running: dict[int, asyncio.Queue[None]] = {}
+        self._ids = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def tokens(self, count: int) -> Any:
+        """Yield once per generated token, at the simulated pace."""
+        self._ids += 1
+        key = self._ids
+        queue: asyncio.Queue[None] = asyncio.Queue()
+        self.running[key] = queue
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            for _ in range(count):
+                await queue.get()
+                yield None
+        finally:
+            self.running.pop(key, None)
+
+    async def _run(self) -> None:
+        while self.running:
+            await asyncio.sleep(self.step_s + self.per_seq_s * len(self.running))
+            for queue in list(self.running.values()):
+                queue.put_nowait(None)
 
 
 class _Connection(asyncio.Protocol):
@@ -143,6 +196,11 @@ class FakeUpstream:
         self.config = config
         self.counters = Counters()
         self.started = int(time.time())
+        self.active_tokens = 0
+        """Tokens the requests in flight have yet to generate."""
+        self.decoder = (
+            _Decoder(config.step_ms, config.step_per_seq_ms) if config.step_ms > 0 else None
+        )
 
     async def handle(self, conn: _Connection, method: str, path: str, body: bytes) -> None:
         """Answer one request on `conn`."""
@@ -165,18 +223,27 @@ class FakeUpstream:
             delay = float(fake.get("delay_ms", self.config.delay_ms))
             if delay:
                 await asyncio.sleep(delay / 1000)
-            status = int(fake.get("status", 200))
+            status = int(fake.get("status", self.config.status))
             if status != 200:
                 conn.respond(status, _error(f"fake status {status}", "server_error"))
                 finished = True
                 return
             usage = self._usage(request, fake, len(body))
             chat = path == "/v1/chat/completions"
-            if request.get("stream"):
-                finished = await self._stream(conn, request, fake, usage, chat)
-            else:
-                conn.respond(200, json.dumps(_completion(request, usage, chat)).encode())
-                finished = True
+            progress = _Progress(usage["completion_tokens"])
+            self.active_tokens += progress.left
+            try:
+                if request.get("stream"):
+                    finished = await self._stream(conn, request, fake, usage, chat, progress)
+                else:
+                    if self.decoder is not None:
+                        async for _ in self.decoder.tokens(progress.left):
+                            progress.left -= 1
+                            self.active_tokens -= 1
+                    conn.respond(200, json.dumps(_completion(request, usage, chat)).encode())
+                    finished = True
+            finally:
+                self.active_tokens -= progress.left
         finally:
             self.counters.in_flight -= 1
             if finished:
@@ -197,7 +264,7 @@ class FakeUpstream:
                 "num_running": self.counters.in_flight,
                 "num_waiting": 0,
                 "queued_prompt_tokens": 0,
-                "active_decode_tokens": self.counters.in_flight * self.config.completion_tokens,
+                "active_decode_tokens": self.active_tokens,
                 "kv_usage": 0.0,
                 "max_num_seqs": 256,
                 "max_waiting": 1024,
@@ -230,6 +297,24 @@ class FakeUpstream:
         fake: dict[str, Any],
         usage: dict[str, int],
         chat: bool,
+        progress: _Progress,
+    ) -> bool:
+        ticks = self.decoder.tokens(progress.left) if self.decoder is not None else None
+        try:
+            return await self._stream_tokens(conn, request, fake, usage, chat, progress, ticks)
+        finally:
+            if ticks is not None:
+                await ticks.aclose()
+
+    async def _stream_tokens(
+        self,
+        conn: _Connection,
+        request: dict[str, Any],
+        fake: dict[str, Any],
+        usage: dict[str, int],
+        chat: bool,
+        progress: _Progress,
+        ticks: Any,
     ) -> bool:
         conn.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -242,6 +327,10 @@ class FakeUpstream:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         for i in range(usage["completion_tokens"]):
+            if ticks is not None:
+                await ticks.__anext__()
+            progress.left -= 1
+            self.active_tokens -= 1
             if conn.closed:
                 return False
             if stall_after is not None and i >= int(stall_after):
@@ -329,11 +418,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--completion-tokens", type=int, default=16)
     parser.add_argument("--chunk-interval-ms", type=float, default=0.0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--step-ms", type=float, default=0.0, help="simulated decode step")
+    parser.add_argument("--step-per-seq-ms", type=float, default=0.0)
+    parser.add_argument("--status", type=int, default=200, help="status of every completion")
     args = parser.parse_args(argv)
     config = FakeConfig(
         completion_tokens=args.completion_tokens,
         chunk_interval_ms=args.chunk_interval_ms,
         delay_ms=args.delay_ms,
+        step_ms=args.step_ms,
+        step_per_seq_ms=args.step_per_seq_ms,
+        status=args.status,
     )
     try:
         import uvloop

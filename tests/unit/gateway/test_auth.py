@@ -586,3 +586,48 @@ def test_settings_from_env(tmp_path: Path) -> None:
         AuthSettings.from_env({"TOLLGATE_JWT_ALGORITHMS": "none"})
     # The secret stays out of logs that print the settings.
     assert "p" * 40 not in repr(AuthSettings(hs_secret="p" * 40))
+
+
+# --- the verified-token cache ---------------------------------------------------
+
+
+async def test_a_cached_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, auth = hs_auth(leeway_s=0)
+    token = mint_token(settings, tenant="acme", ttl_s=5)
+    assert (await auth.authenticate(f"Bearer {token}")).tenant_id == "acme"
+    later = time.time() + 6
+    monkeypatch.setattr(time, "time", lambda: later)
+    await assert_401(auth, f"Bearer {token}", "invalid_token", "expired")
+
+
+async def test_a_cached_token_is_not_reverified_until_its_entry_ages_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.auth import verifier
+
+    settings, auth = hs_auth()
+    token = mint_token(settings, tenant="acme", ttl_s=3600)
+    calls = 0
+    real_decode = auth._decode
+
+    def counting_decode(*args: Any) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return real_decode(*args)
+
+    monkeypatch.setattr(auth, "_decode", counting_decode)
+    for _ in range(5):
+        await auth.authenticate(f"Bearer {token}")
+    assert calls == 1
+    later = time.time() + verifier.VERIFIED_TTL_S + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    await auth.authenticate(f"Bearer {token}")
+    assert calls == 2
+
+
+async def test_a_token_differing_by_one_character_is_verified_on_its_own() -> None:
+    settings, auth = hs_auth()
+    token = mint_token(settings, tenant="acme")
+    await auth.authenticate(f"Bearer {token}")
+    tampered = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    await assert_401(auth, f"Bearer {tampered}", "invalid_token")

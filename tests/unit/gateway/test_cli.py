@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ["backend"],
     ["token", "mint"],
     ["policy", "validate"],
+    ["route", "eval"],
     ["usage", "export"],
 ]
 
@@ -113,3 +114,26 @@ def test_base_install_pulls_no_torch() -> None:
     assert not any(r.lower().startswith(("torch", "transformers", "gguf")) for r in base)
     torch_reqs = [r for r in requirements if r.lower().startswith("torch")]
     assert torch_reqs and all('extra == "backend"' in r for r in torch_reqs)
+
+
+def test_gateway_refuses_several_workers_with_the_memory_store(tmp_path: Path) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "TOLLGATE_JWT_HS_SECRET": "x" * 40,
+        "TOLLGATE_STORE": "memory",
+    }
+    done = tollgate("gateway", "--workers", "2", "--port", "0", env=env)
+    assert done.returncode == 2
+    assert "TOLLGATE_STORE=redis" in done.stderr
+
+
+def test_route_eval_reports_the_classifier_on_the_shipped_set() -> None:
+    done = tollgate("route", "eval")
+    assert done.returncode == 0, done.stderr
+    figures = dict(
+        line.rsplit(None, 1) for line in done.stdout.splitlines() if line.endswith("%")
+    )
+    assert float(figures["accuracy"].rstrip("%")) >= 85
+    assert float(figures["recall (large)"].rstrip("%")) >= 95
+    assert "sent to small" in figures and "precision (large)" in figures

@@ -1,0 +1,323 @@
+"""Admission for one request: count, check per-request limits, reserve, and
+hand back a `Grant` that is finished exactly once.
+
+Order (each step may refuse the request):
+
+1. prompt tokens: the model's tokenizer or the estimate (`gateway.quota.tokens`);
+2. `max_prompt_tokens`: a longer prompt is a 400 `context_length_exceeded`;
+3. `max_output_tokens`: a request without `max_tokens` (or
+   `max_completion_tokens`) gets `max_tokens` set to it; one asking for more
+   is a 400 `max_tokens_exceeded` naming the limit (never silently clamped:
+   the caller would get a shorter answer than it asked for without knowing);
+   without a limit or a client value, the rest of the model's context is
+   reserved, since that is what the backend may generate;
+4. reserve prompt + max_tokens in the store: a 429 (`rate_limit_exceeded`,
+   or `insufficient_quota` for day and month budgets) with Retry-After when
+   any limit has no room; when the store is unavailable, the tenant's
+   `on_store_failure` decides: `fail_closed` is a 503 with Retry-After,
+   `fail_open` admits without counting (logged as `quota_fail_open`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from gateway.errors import (
+    BadRequestError,
+    GatewayError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from gateway.policy.compiled import ModelRoute, Policy, TenantPolicy
+from gateway.quota.breaker import CircuitBreaker, GuardedStore
+from gateway.quota.headers import format_duration, rate_limit_headers
+from gateway.quota.keeper import LeaseKeeper
+from gateway.quota.limits import request_limits, reservation_for
+from gateway.quota.memory import MemoryQuotaStore
+from gateway.quota.store import (
+    Admission,
+    Figure,
+    Lease,
+    QuotaStore,
+    StoreUnavailableError,
+)
+from gateway.quota.tokens import PromptCounter
+from gateway.settings import GatewaySettings
+
+log = structlog.get_logger("tollgate.quota")
+
+_WORDS = {
+    "requests_per_minute": "requests per minute (RPM)",
+    "tokens_per_minute": "tokens per minute (TPM)",
+    "max_concurrent": "concurrent requests",
+    "tokens_per_day": "tokens per day",
+    "tokens_per_month": "tokens per month",
+}
+
+
+class Grant:
+    """An admitted request's claim on the quota; finish it exactly once.
+
+    `settle` when the backend was reached (with its reported tokens, or None
+    when unknown: the reservation is charged), `release` when it never was.
+    Later calls are no-ops, so every exit path of a request may call one.
+    """
+
+    def __init__(
+        self,
+        lease: Lease | None,
+        *,
+        prompt_tokens: int,
+        reserved_tokens: int,
+        headers: dict[str, str],
+        keeper: LeaseKeeper | None,
+    ) -> None:
+        self.lease = lease
+        self.prompt_tokens = prompt_tokens
+        self.reserved_tokens = reserved_tokens
+        """prompt + max_tokens: what the queue can order by, too."""
+        self.headers = headers
+        """`x-ratelimit-*` for the response (empty when nothing was counted)."""
+        self._keeper = keeper
+        self.finished = False
+        self.sent = False
+        """Set just before the request goes to a backend: from then on a
+        failure may have consumed tokens."""
+
+    def _finish_soon(self, actual_tokens: int | None) -> asyncio.Task[None] | None:
+        if self.finished:
+            return None
+        self.finished = True
+        if self.lease is None or self._keeper is None:
+            return None
+        return self._keeper.finish(self.lease, actual_tokens)
+
+    def settle_soon(self, actual_tokens: int | None) -> None:
+        """Start settling without waiting (for `finally` blocks that may be
+        running under cancellation, where an `await` would not return)."""
+        self._finish_soon(self.reserved_tokens if actual_tokens is None else actual_tokens)
+
+    async def settle(self, actual_tokens: int | None) -> None:
+        """Settle with the backend's usage (None: charge the reservation)."""
+        task = self._finish_soon(self.reserved_tokens if actual_tokens is None else actual_tokens)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def finish_after_error(self, exc: BaseException) -> None:
+        """Finish after `exc` ended the request early, and put the rate-limit
+        headers on the error response.
+
+        A refusal (4xx) or an unreachable backend (503) consumed nothing:
+        release. Any other failure after the request was sent (timeouts, 5xx,
+        cancellation) may have: charge the reservation, as nothing better is
+        known. Before sending, nothing was consumed: release.
+        """
+        if isinstance(exc, GatewayError):
+            exc.headers = {**self.headers, **exc.headers}
+            refused = exc.status_code < 500 or isinstance(exc, ServiceUnavailableError)
+            if refused:
+                self.release_soon()
+                return
+        if self.sent:
+            self.settle_soon(None)
+        else:
+            self.release_soon()
+
+    def release_soon(self) -> None:
+        """Start refunding everything without waiting."""
+        self._finish_soon(None)
+
+    async def release(self) -> None:
+        """Refund everything (the request never reached a backend)."""
+        task = self._finish_soon(None)
+        if task is not None:
+            await asyncio.shield(task)
+
+
+class Quota:
+    """Admission control of one gateway process over one `QuotaStore`."""
+
+    def __init__(
+        self,
+        store: QuotaStore,
+        *,
+        lease_ttl_s: float,
+        counter: PromptCounter | None = None,
+        keeper: LeaseKeeper | None = None,
+    ) -> None:
+        self.store = store
+        self.lease_ttl_s = lease_ttl_s
+        self.counter = counter or PromptCounter()
+        self.keeper = keeper or LeaseKeeper(store, lease_ttl_s=lease_ttl_s)
+        self.fail_open_admits = 0
+        """Requests admitted uncounted because the store was unavailable."""
+
+    async def admit(
+        self,
+        policy: Policy,
+        tenant: TenantPolicy,
+        app_id: str | None,
+        route: ModelRoute,
+        body: dict[str, Any],
+        kind: str,
+    ) -> Grant:
+        """Admit one request or raise the error that refuses it; may set
+        `max_tokens` in `body` (see the module docstring)."""
+        limits = request_limits(tenant, app_id, route.name)
+        prompt = self.counter.count(route, body, kind)
+        if limits.max_prompt_tokens is not None and prompt > limits.max_prompt_tokens:
+            raise BadRequestError(
+                f"The prompt is about {prompt} tokens, over this tenant's limit of "
+                f"{limits.max_prompt_tokens} prompt tokens (max_prompt_tokens) for "
+                f"'{route.name}'. Shorten the prompt.",
+                code="context_length_exceeded",
+                param="messages" if kind == "chat" else "prompt",
+            )
+        output = _output_tokens(body, limits.max_output_tokens, route, prompt)
+        reservation = reservation_for(tenant, app_id, route.name, prompt + output)
+        if not reservation.scopes:
+            return Grant(
+                None, prompt_tokens=prompt, reserved_tokens=prompt + output, headers={}, keeper=None
+            )
+        try:
+            admission = await self.store.admit(reservation)
+        except StoreUnavailableError as exc:
+            if exc.attempted:
+                # The script may have run before the reply was lost: refund
+                # the lease if it exists (a no-op otherwise), retried until
+                # its TTL.
+                self.keeper.finish(
+                    Lease(tenant.tenant_id, reservation.lease_id, reservation.tokens), None
+                )
+            return self._store_failed(tenant, exc, prompt, prompt + output)
+        headers = rate_limit_headers(admission.figures)
+        if admission.lease is None:
+            raise _refusal(admission, reservation.tokens, headers)
+        self.keeper.track(admission.lease, _horizon_s(policy, route, self.lease_ttl_s))
+        return Grant(
+            admission.lease,
+            prompt_tokens=prompt,
+            reserved_tokens=reservation.tokens,
+            headers=headers,
+            keeper=self.keeper,
+        )
+
+    def _store_failed(
+        self, tenant: TenantPolicy, exc: StoreUnavailableError, prompt: int, reserved: int
+    ) -> Grant:
+        if tenant.on_store_failure == "fail_open":
+            self.fail_open_admits += 1
+            log.warning("quota_fail_open", tenant=tenant.tenant_id, error=str(exc))
+            return Grant(
+                None, prompt_tokens=prompt, reserved_tokens=reserved, headers={}, keeper=None
+            )
+        log.warning("quota_fail_closed", tenant=tenant.tenant_id, error=str(exc))
+        raise ServiceUnavailableError(
+            "The quota service is temporarily unavailable; retry shortly.",
+            retry_after_s=exc.retry_after_s,
+            code="quota_unavailable",
+        ) from exc
+
+    def start(self) -> None:
+        """Start the lease keeper (in the app's lifespan)."""
+        self.keeper.start()
+
+    async def stop(self) -> None:
+        """Finish pending settlements, then close the store."""
+        await self.keeper.stop()
+        await self.store.close()
+
+
+def _output_tokens(body: dict[str, Any], limit: int | None, route: ModelRoute, prompt: int) -> int:
+    """The output tokens to reserve; applies the tenant's `max_output_tokens`."""
+    field = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    asked = body.get(field)
+    if asked is None:
+        if limit is None:
+            return max(1, route.context_length - prompt)
+        body["max_tokens"] = limit
+        return limit
+    if limit is not None and asked > limit:
+        raise BadRequestError(
+            f"'{field}' is {asked}, over this tenant's limit of {limit} output tokens "
+            f"(max_output_tokens) for '{route.name}'.",
+            code="max_tokens_exceeded",
+            param=field,
+        )
+    return int(asked)
+
+
+def _horizon_s(policy: Policy, route: ModelRoute, ttl_s: float) -> float:
+    """How long a request may legitimately hold its lease: the longest queue
+    wait plus the upstream deadline (renewal stops after that)."""
+    longest_wait = max((c.max_queue_wait_s for c in policy.priority_classes.values()), default=0.0)
+    return longest_wait + route.pool.timeouts.total_s + ttl_s
+
+
+def _refusal(admission: Admission, requested: int, headers: dict[str, str]) -> RateLimitError:
+    figure = admission.decisive
+    assert figure is not None  # a refused admission has a refusing limit
+    return RateLimitError(
+        _message(figure, requested),
+        retry_after_s=admission.retry_after_s,
+        code=figure.code,
+        error_type=_error_type(figure),
+        headers=headers,
+    )
+
+
+def _error_type(figure: Figure) -> str:
+    # OpenAI's `type` for 429s: what ran out.
+    if figure.code == "insufficient_quota":
+        return "insufficient_quota"
+    return "tokens" if figure.kind == "tokens_per_minute" else "requests"
+
+
+def _message(figure: Figure, requested: int) -> str:
+    words = _WORDS[figure.kind]
+    asked = 1 if figure.kind in ("requests_per_minute", "max_concurrent") else requested
+    if figure.never_fits:
+        return (
+            f"Request too large for {figure.scope} on {words}: Limit {figure.limit}, "
+            f"Requested {asked}. Reduce the prompt or max_tokens."
+        )
+    wait = format_duration(figure.retry_after_s or 0.0)
+    if figure.code == "insufficient_quota":
+        return (
+            f"{figure.scope} has exhausted its {words} budget: Limit {figure.limit}, "
+            f"Used {figure.used}, Requested {asked}. It resets in {wait}."
+        )
+    return (
+        f"Rate limit reached for {figure.scope} on {words}: Limit {figure.limit}, "
+        f"Used {figure.used}, Requested {asked}. Please try again in {wait}."
+    )
+
+
+def build_quota(settings: GatewaySettings, *, clock: Callable[[], float] | None = None) -> Quota:
+    """The store named by `TOLLGATE_STORE`, guarded when remote, and its keeper."""
+    ttl = settings.quota_lease_ttl_s
+    store: QuotaStore
+    if settings.store == "redis":
+        from gateway.quota.redis_store import RedisQuotaStore, connect
+
+        client = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        breaker = CircuitBreaker(
+            failure_threshold=settings.quota_breaker_failures,
+            reset_after_s=settings.quota_breaker_reset_s,
+        )
+        store = GuardedStore(
+            RedisQuotaStore(client, lease_ttl_s=ttl, clock=clock),
+            breaker,
+            # A hard bound above the socket timeouts: connect + one round trip.
+            timeout_s=settings.redis_timeout_s * 2,
+        )
+    else:
+        store = MemoryQuotaStore(lease_ttl_s=ttl, clock=clock or time.time)
+    return Quota(store, lease_ttl_s=ttl)

@@ -1,0 +1,448 @@
+"""The Redis quota store: shared by any number of gateway replicas.
+
+Each admit, settle, release and renew is one Lua script, so it is atomic
+against every other replica; scripts run by EVALSHA and are loaded on a
+NOSCRIPT reply (redis-py's `Script`). Time inside the scripts is the Redis
+server's `TIME`, never a gateway's clock, so replicas agree on the sliding
+windows and lease expiries. Calendar periods need the tenant's time zone,
+which Lua cannot do: the gateway sends the day (and month) before, around and
+after its own clock, and the script charges the one that contains Redis time.
+
+Keys, all under the tenant's hash tag (see `gateway.quota.limits`):
+
+    tollgate:q:{T}:leases              HASH  lease id -> JSON record of what it charged
+    tollgate:q:{T}:lease_exp           ZSET  lease id -> expiry (ms)
+    <scope>:win                        ZSET  "<lease>|<tokens>" -> admitted at (ms)
+    <scope>:win:sum                    STR   tokens in <scope>:win
+    <scope>:conc                       STR   leases in flight
+    <scope>:day:<YYYY-MM-DD>           STR   tokens charged that local day
+    <scope>:month:<YYYY-MM>            STR   tokens charged that local month
+
+where <scope> is `tollgate:q:{T}:t`, `...:t|m|<model>`, `...:a|<app>` or
+`...:a|<app>|m|<model>`. Settling and reclaiming touch the keys a lease record
+names: undeclared keys, but in the same slot as the declared ones, which
+Redis Cluster serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.quota.limits import COUNTED, WINDOW_S, Reservation, Scope, tenant_prefix
+from gateway.quota.periods import Period, PeriodCache
+from gateway.quota.store import Admission, Figure, Lease, ScopeUsage, charged
+
+RECLAIM_BATCH = 64
+"""Expired leases refunded per admit at most, so one admit stays cheap even
+after a gateway with many requests in flight was killed."""
+
+_KEYS_PER_SCOPE = 9
+_ARGS_PER_SCOPE = 7
+
+_PRELUDE = r"""
+local function now_ms(override)
+  if override ~= nil and override ~= '' then return tonumber(override) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function member_tokens(m)
+  return tonumber(string.match(m, '|(%-?%d+)$'))
+end
+
+-- Drop entries admitted at or before `cutoff`, keeping the running sum exact.
+local function trim(win, sum, cutoff)
+  local old = redis.call('ZRANGEBYSCORE', win, '-inf', cutoff)
+  if #old == 0 then return end
+  local freed = 0
+  for _, m in ipairs(old) do freed = freed + member_tokens(m) end
+  redis.call('ZREMRANGEBYSCORE', win, '-inf', cutoff)
+  if redis.call('ZCARD', win) == 0 then
+    redis.call('DEL', sum)
+  else
+    redis.call('DECRBY', sum, freed)
+  end
+end
+
+-- Settle a lease record with `actual` tokens, or refund all of it (nil).
+local function undo(lease, rec, actual)
+  local cost = rec.c
+  local delta = -cost
+  if actual ~= nil then delta = actual - cost end
+  local member = lease .. '|' .. cost
+  for _, w in ipairs(rec.w) do
+    local score = redis.call('ZSCORE', w[1], member)
+    if score then
+      redis.call('ZREM', w[1], member)
+      if actual ~= nil then redis.call('ZADD', w[1], score, lease .. '|' .. actual) end
+      if redis.call('ZCARD', w[1]) == 0 then
+        redis.call('DEL', w[2])
+      elseif delta ~= 0 then
+        redis.call('INCRBY', w[2], delta)
+      end
+    end
+  end
+  for _, key in ipairs(rec.b) do
+    -- A missing key means its period's data is gone: nothing to correct.
+    if delta ~= 0 and redis.call('EXISTS', key) == 1 then
+      if redis.call('INCRBY', key, delta) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+    end
+  end
+  for _, key in ipairs(rec.s) do
+    if redis.call('DECR', key) <= 0 then redis.call('DEL', key) end
+  end
+end
+
+local function reclaim(leases, expiries, now, batch)
+  local ids = redis.call('ZRANGEBYSCORE', expiries, '-inf', now, 'LIMIT', 0, batch)
+  for _, id in ipairs(ids) do
+    local raw = redis.call('HGET', leases, id)
+    if raw then undo(id, cjson.decode(raw), nil) end
+    redis.call('HDEL', leases, id)
+    redis.call('ZREM', expiries, id)
+  end
+end
+
+-- The candidate period (of three) that contains `now`: key and end (ms).
+local function pick(k, bounds, now)
+  local b = {}
+  for x in string.gmatch(bounds, '[^,]+') do b[#b + 1] = tonumber(x) end
+  for j = 1, 3 do
+    if now >= b[j] and now < b[j + 1] then return KEYS[k + j - 1], b[j + 1] end
+  end
+  return nil, nil
+end
+"""
+
+_ADMIT = (
+    _PRELUDE
+    + r"""
+local leases, expiries = KEYS[1], KEYS[2]
+local lease, cost, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms(ARGV[4])
+local win_ms, n = tonumber(ARGV[5]), tonumber(ARGV[6])
+reclaim(leases, expiries, now, tonumber(ARGV[7]))
+if redis.call('HEXISTS', leases, lease) == 1 then return '2' end
+
+local out = {1}
+local refused = false
+local plans = {}
+local function figure(kind, i, limit, used, reset, retry, never)
+  local f = {kind, i, limit, used, reset, retry, never}
+  for _, v in ipairs(f) do out[#out + 1] = v end
+end
+
+for i = 0, n - 1 do
+  local k, a = 2 + i * 9, 7 + i * 7
+  local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local day, month = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local plan = {w = nil, s = nil, b = {}}
+  if rpm > 0 or tpm > 0 then
+    local win, sum = KEYS[k + 1], KEYS[k + 2]
+    trim(win, sum, now - win_ms)
+    local count = redis.call('ZCARD', win)
+    local total = tonumber(redis.call('GET', sum) or '0')
+    local reset = 0
+    if count > 0 then
+      local newest = redis.call('ZRANGE', win, -1, -1, 'WITHSCORES')
+      reset = tonumber(newest[2]) + win_ms - now
+    end
+    if rpm > 0 then
+      local retry = -1
+      if count + 1 > rpm then
+        refused = true
+        local oldest = redis.call('ZRANGE', win, count - rpm, count - rpm, 'WITHSCORES')
+        retry = tonumber(oldest[2]) + win_ms - now
+      end
+      figure(0, i, rpm, count, reset, retry, 0)
+    end
+    if tpm > 0 then
+      local retry, never = -1, 0
+      if total + cost > tpm then
+        refused = true
+        if cost > tpm then
+          never, retry = 1, win_ms
+        else
+          local excess = total + cost - tpm
+          local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
+          for j = 1, #entries, 2 do
+            excess = excess - member_tokens(entries[j])
+            if excess <= 0 then
+              retry = tonumber(entries[j + 1]) + win_ms - now
+              break
+            end
+          end
+        end
+      end
+      figure(1, i, tpm, total, reset, retry, never)
+    end
+    plan.w = {win, sum}
+  end
+  if conc > 0 then
+    local used = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+    local retry = -1
+    if used + 1 > conc then
+      refused = true
+      retry = 1000
+    end
+    figure(2, i, conc, used, 0, retry, 0)
+    plan.s = KEYS[k + 3]
+  end
+  local budgets = {{3, day, k + 4, ARGV[a + 6]}, {4, month, k + 7, ARGV[a + 7]}}
+  for _, spec in ipairs(budgets) do
+    if spec[2] > 0 then
+      local key, stop = pick(spec[3], spec[4], now)
+      if key == nil then return redis.error_reply('TOLLGATE clock outside the sent periods') end
+      local used = tonumber(redis.call('GET', key) or '0')
+      local retry, never = -1, 0
+      if used + cost > spec[2] then
+        refused = true
+        retry = stop - now
+        if cost > spec[2] then never = 1 end
+      end
+      figure(spec[1], i, spec[2], used, stop - now, retry, never)
+      plan.b[#plan.b + 1] = {key, stop}
+    end
+  end
+  plans[#plans + 1] = plan
+end
+
+if refused then
+  out[1] = 0
+  return table.concat(out, ',')
+end
+
+local rec = {c = cost, w = {}, s = {}, b = {}}
+local member = lease .. '|' .. cost
+for _, plan in ipairs(plans) do
+  if plan.w then
+    redis.call('ZADD', plan.w[1], now, member)
+    redis.call('INCRBY', plan.w[2], cost)
+    redis.call('PEXPIRE', plan.w[1], win_ms + 1000)
+    redis.call('PEXPIRE', plan.w[2], win_ms + 1000)
+    rec.w[#rec.w + 1] = plan.w
+  end
+  if plan.s then
+    redis.call('INCR', plan.s)
+    rec.s[#rec.s + 1] = plan.s
+  end
+  for _, b in ipairs(plan.b) do
+    redis.call('INCRBY', b[1], cost)
+    -- Relative expiry, a day past the period's end: garbage collection only.
+    redis.call('PEXPIRE', b[1], b[2] - now + 86400000)
+    rec.b[#rec.b + 1] = b[1]
+  end
+end
+redis.call('HSET', leases, lease, cjson.encode(rec))
+redis.call('ZADD', expiries, now + ttl, lease)
+-- One bulk string: far cheaper for the client to read than an array.
+return table.concat(out, ',')
+"""
+)
+
+_FINISH = (
+    _PRELUDE
+    + r"""
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if not raw then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+local actual = nil
+if ARGV[2] ~= '' then actual = tonumber(ARGV[2]) end
+undo(ARGV[1], cjson.decode(raw), actual)
+return 1
+"""
+)
+
+_RENEW = (
+    _PRELUDE
+    + r"""
+local now = now_ms(ARGV[2])
+local expires = now + tonumber(ARGV[1])
+local renewed = 0
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    redis.call('ZADD', KEYS[2], expires, ARGV[i])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+)
+
+_PEEK = (
+    _PRELUDE
+    + r"""
+local now = now_ms(ARGV[1])
+local win_ms = tonumber(ARGV[2])
+local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - win_ms), '+inf')
+local tokens = 0
+for _, m in ipairs(entries) do tokens = tokens + member_tokens(m) end
+local conc = tonumber(redis.call('GET', KEYS[2]) or '0')
+local day_key = pick(3, ARGV[3], now)
+local month_key = pick(6, ARGV[4], now)
+local day = tonumber(redis.call('GET', day_key) or '0')
+local month = tonumber(redis.call('GET', month_key) or '0')
+return {#entries, tokens, conc, day, month}
+"""
+)
+
+
+def _bounds_ms(periods: tuple[Period, Period, Period]) -> str:
+    edges = [periods[0].start_s, periods[0].end_s, periods[1].end_s, periods[2].end_s]
+    return ",".join(str(round(edge * 1000)) for edge in edges)
+
+
+def _period_keys(scope: Scope, unit: str, periods: tuple[Period, Period, Period]) -> list[str]:
+    return [f"{scope.key}:{unit}:{p.label}" for p in periods]
+
+
+def connect(url: str, *, timeout_s: float) -> Redis:
+    """A client with short socket timeouts and no retries: the breaker, not
+    the client, decides what to do when Redis is slow or gone (and a retried
+    admit must never be charged twice)."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+    return client
+
+
+class RedisQuotaStore:
+    """`QuotaStore` on Redis (one server, Sentinel, or Cluster by hash tag)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        lease_ttl_s: float,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """`clock` is for tests only: when given, the scripts use it instead of
+        Redis `TIME`, so windows and calendars can be tested without waiting."""
+        self._client = client
+        self._ttl_ms = round(lease_ttl_s * 1000)
+        self._clock = clock
+        self._admit = client.register_script(_ADMIT)
+        self._finish = client.register_script(_FINISH)
+        self._renew = client.register_script(_RENEW)
+        self._peek = client.register_script(_PEEK)
+        self._periods = PeriodCache()
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else time.time()
+
+    def _now_arg(self) -> str:
+        return "" if self._clock is None else str(round(self._clock() * 1000))
+
+    async def admit(self, reservation: Reservation) -> Admission:
+        """See `QuotaStore.admit`."""
+        prefix = tenant_prefix(reservation.tenant_id)
+        keys: list[str] = [prefix + "leases", prefix + "lease_exp"]
+        args: list[Any] = [
+            reservation.lease_id,
+            reservation.tokens,
+            self._ttl_ms,
+            self._now_arg(),
+            round(WINDOW_S * 1000),
+            len(reservation.scopes),
+            RECLAIM_BATCH,
+        ]
+        local_now = self._now()
+        for scope in reservation.scopes:
+            days = self._periods.around("day", local_now, scope.time_zone)
+            months = self._periods.around("month", local_now, scope.time_zone)
+            keys += [scope.key + ":win", scope.key + ":win:sum", scope.key + ":conc"]
+            keys += _period_keys(scope, "day", days) + _period_keys(scope, "month", months)
+            args += [
+                scope.requests_per_minute or 0,
+                scope.tokens_per_minute or 0,
+                scope.max_concurrent or 0,
+                scope.tokens_per_day or 0,
+                scope.tokens_per_month or 0,
+                _bounds_ms(days),
+                _bounds_ms(months),
+            ]
+        reply: bytes = await self._admit(keys=keys, args=args)
+        raw = [int(v) for v in reply.split(b",")]
+        lease = Lease(reservation.tenant_id, reservation.lease_id, reservation.tokens)
+        status = raw[0]
+        if status == 2:  # this lease was already admitted (a repeated call)
+            return Admission(lease)
+        figures = [_figure(raw[i : i + 7], reservation.scopes) for i in range(1, len(raw), 7)]
+        if status == 1:
+            return Admission(lease, tuple(charged(f, reservation.tokens) for f in figures))
+        return Admission(None, tuple(figures))
+
+    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
+        """See `QuotaStore.settle`."""
+        return await self._run_finish(lease, str(max(0, actual_tokens)))
+
+    async def release(self, lease: Lease) -> bool:
+        """See `QuotaStore.release`."""
+        return await self._run_finish(lease, "")
+
+    async def _run_finish(self, lease: Lease, actual: str) -> bool:
+        prefix = tenant_prefix(lease.tenant_id)
+        done = await self._finish(
+            keys=[prefix + "leases", prefix + "lease_exp"], args=[lease.lease_id, actual]
+        )
+        return bool(done)
+
+    async def renew(self, leases: Sequence[Lease]) -> int:
+        """See `QuotaStore.renew` (one script per tenant)."""
+        by_tenant: dict[str, list[str]] = {}
+        for lease in leases:
+            by_tenant.setdefault(lease.tenant_id, []).append(lease.lease_id)
+        renewed = 0
+        for tenant_id, ids in by_tenant.items():
+            prefix = tenant_prefix(tenant_id)
+            renewed += int(
+                await self._renew(
+                    keys=[prefix + "leases", prefix + "lease_exp"],
+                    args=[self._ttl_ms, self._now_arg(), *ids],
+                )
+            )
+        return renewed
+
+    async def peek(self, scope: Scope) -> ScopeUsage:
+        """See `QuotaStore.peek`."""
+        local_now = self._now()
+        days = self._periods.around("day", local_now, scope.time_zone)
+        months = self._periods.around("month", local_now, scope.time_zone)
+        keys = [scope.key + ":win", scope.key + ":conc"]
+        keys += _period_keys(scope, "day", days) + _period_keys(scope, "month", months)
+        raw: list[int] = await self._peek(
+            keys=keys,
+            args=[self._now_arg(), round(WINDOW_S * 1000), _bounds_ms(days), _bounds_ms(months)],
+        )
+        requests, tokens, concurrent, day, month = (int(v) for v in raw)
+        return ScopeUsage(requests, tokens, concurrent, day, month)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def _figure(raw: Sequence[int], scopes: Sequence[Scope]) -> Figure:
+    """One figure from the script's flat reply (times in ms, -1 for none)."""
+    kind_index, scope_index, limit, used, reset_ms, retry_ms, never = raw
+    return Figure(
+        COUNTED[kind_index],
+        scopes[scope_index].label,
+        limit,
+        used,
+        max(0, reset_ms) / 1000,
+        None if retry_ms < 0 else max(0, retry_ms) / 1000,
+        never == 1,
+    )
