@@ -21,6 +21,7 @@ from litestar.exceptions import HTTPException
 from gateway.api.admin import admin_backends, admin_policies, healthz, readyz
 from gateway.api.metrics import metrics
 from gateway.api.openai import chat_completions, completions, list_models
+from gateway.api.usage import usage_export
 from gateway.auth.keys import KeyResolver
 from gateway.auth.verifier import Authenticator
 from gateway.errors import GatewayError
@@ -34,6 +35,7 @@ from gateway.settings import GatewaySettings
 from gateway.upstream.health import ReplicaBook
 from gateway.upstream.monitor import ReplicaMonitor
 from gateway.upstream.proxy import UpstreamClient, new_session
+from gateway.usage.drainer import build_drainer
 
 log = structlog.get_logger("tollgate.gateway")
 _encode = msgspec.json.Encoder().encode
@@ -91,6 +93,12 @@ def create_app(settings: GatewaySettings) -> Litestar:
             await watcher.start()
             quota = build_quota(settings)
             quota.start()
+            # Usage ledger: the drainer moves records from the quota
+            # store into Parquet; with the memory store it must run here.
+            drainer = None
+            if settings.ledger_drainer or settings.store == "memory":
+                drainer = build_drainer(settings, quota)
+                drainer.start()
             try:
                 authenticator = Authenticator(settings.auth, KeyResolver(settings.auth, http))
                 # Reloads reconfigure the same queues: waiting requests keep their place.
@@ -122,6 +130,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
                     await monitor.stop()
             finally:
                 await quota.stop()
+                if drainer is not None:
+                    await drainer.stop()  # after the last settlements: flushes them
                 await watcher.stop()
 
     return Litestar(
@@ -134,6 +144,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             metrics,
             healthz,
             readyz,
+            usage_export,
         ],
         exception_handlers={
             GatewayError: _handle_gateway_error,

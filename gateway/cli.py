@@ -7,17 +7,24 @@ tollgate token mint       print a JWT signed with the configured (or development
 tollgate policy validate  check tenant and policy files; non-zero exit on any error
 tollgate route eval       the auto classifier's accuracy on a labelled set of prompts
 tollgate usage export     export priced usage for finance
+tollgate usage drain      move usage records from Redis into the Parquet ledger
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
 
 _BACKEND_MISSING = (
     "tollgate backend needs the inference stack: "
@@ -164,16 +171,64 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-errors", action="store_true", help="list every misclassified request"
     )
 
+    # --- usage ledger (docs/ledger.md) ---
     usage = sub.add_parser("usage", help="usage ledger")
     usage_sub = usage.add_subparsers(dest="usage_command", required=True, metavar="ACTION")
-    export = usage_sub.add_parser("export", help="export priced usage")
-    export.add_argument("--from", dest="start", required=True, help="first day (YYYY-MM-DD)")
-    export.add_argument("--to", dest="end", required=True, help="last day (YYYY-MM-DD)")
-    export.add_argument("--tenant", default=None)
-    export.add_argument("--group-by", default="tenant,model,day")
+    export = usage_sub.add_parser(
+        "export",
+        help="export priced usage",
+        description="Usage from the Parquet ledger, de-duplicated by request id, "
+        "grouped and priced with policies/pricing.yaml (the price in force on the "
+        "UTC day each request started). Rows, then a `total` row.",
+    )
+    export.add_argument("--from", dest="start", required=True, help="first UTC day (YYYY-MM-DD)")
+    export.add_argument("--to", dest="end", required=True, help="last UTC day, inclusive")
+    export.add_argument("--tenant", default=None, help="one tenant only")
+    export.add_argument(
+        "--group-by",
+        default="tenant,model,day",
+        help="comma-separated: tenant, app, model, day, user, status, priority",
+    )
     export.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
-    export.add_argument("--output", default=None)
+    export.add_argument("--output", default=None, help="file to write (default: stdout)")
+    export.add_argument(
+        "--dedup",
+        choices=["flagged", "all"],
+        default="flagged",
+        help="check only ids flagged as possible repeats (default), or every id (audit)",
+    )
+    _add_ledger_flags(export)
+    drain = usage_sub.add_parser(
+        "drain",
+        help="drain usage records from Redis into the ledger",
+        description="Run the ledger's drainer on its own (TOLLGATE_STORE=redis): "
+        "records move from the Redis streams into Parquet every "
+        "TOLLGATE_LEDGER_DRAIN_INTERVAL_S; one drainer is active at a time. Run "
+        "gateways with TOLLGATE_LEDGER_DRAINER=off to leave the work to it.",
+    )
+    drain.add_argument("--once", action="store_true", help="drain what is there, then exit")
+    _add_ledger_flags(drain)
+    # --- end usage ledger ---
     return parser
+
+
+def _add_ledger_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ledger-dir",
+        default=None,
+        help="the ledger's folder (env TOLLGATE_LEDGER_DIR; default "
+        "$XDG_DATA_HOME/tollgate/ledger)",
+    )
+    p.add_argument(
+        "--policies-dir",
+        default=os.environ.get("TOLLGATE_POLICIES_DIR", "policies"),
+        help="folder of policy YAML files, for prices (env TOLLGATE_POLICIES_DIR)",
+    )
+    p.add_argument(
+        "--tenants-dir",
+        default=os.environ.get("TOLLGATE_TENANTS_DIR", "tenants"),
+        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
+    )
 
 
 def _auth_env_for_dev(env: dict[str, str]) -> dict[str, str]:
@@ -418,9 +473,89 @@ def _route_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_settings(args: argparse.Namespace) -> GatewaySettings:
+    from gateway.settings import GatewaySettings
+
+    env = dict(os.environ)
+    env["TOLLGATE_POLICIES_DIR"] = str(args.policies_dir)
+    env["TOLLGATE_TENANTS_DIR"] = str(args.tenants_dir)
+    if args.ledger_dir:
+        env["TOLLGATE_LEDGER_DIR"] = str(args.ledger_dir)
+    return GatewaySettings.from_env(env)
+
+
 def _usage_export(args: argparse.Namespace) -> int:
-    print("tollgate usage export: no usage ledger is configured in this build", file=sys.stderr)
-    return 2
+    from gateway.policy.errors import PolicyError
+    from gateway.policy.loader import load_policy
+    from gateway.usage.export import ExportError, parse_query, render, run_export
+    from gateway.usage.ledger import Ledger
+
+    settings = _usage_settings(args)
+    try:
+        query = parse_query(args.start, args.end, tenant=args.tenant, group_by=args.group_by)
+    except ExportError as exc:
+        print(f"tollgate usage export: {exc}", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(settings.tenants_dir, settings.policies_dir)
+    except PolicyError as exc:
+        print(f"tollgate usage export: cannot load prices: {exc}", file=sys.stderr)
+        return 2
+    query = dataclasses.replace(query, dedup=args.dedup)
+    result = run_export(Ledger(settings.ledger_dir), policy.pricing, query)
+    body = render(result, args.format)
+    if args.output:
+        Path(args.output).write_bytes(body)
+    else:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+    return 0
+
+
+def _usage_drain(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from gateway.logging import configure_logging
+    from gateway.usage.drainer import build_drainer
+
+    settings = _usage_settings(args)
+    if settings.store != "redis":
+        print(
+            "tollgate usage drain: needs TOLLGATE_STORE=redis (with the memory store, "
+            "each gateway drains its own records)",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(settings.log_level)
+
+    async def run() -> int:
+        drainer = build_drainer(settings)
+        if args.once:
+            # Another drainer, or one that died, may hold the lock: wait for it.
+            deadline = time.monotonic() + settings.ledger_lock_ttl_s + 5
+            while not await drainer.source.acquire():
+                if time.monotonic() > deadline:
+                    print("tollgate usage drain: another drainer holds the lock", file=sys.stderr)
+                    await drainer.stop()
+                    return 1
+                await asyncio.sleep(0.2)
+            try:
+                count = await drainer.drain_once()
+            finally:
+                await drainer.stop()
+            print(f"drained {count} records")
+            return 0
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        drainer.start()
+        await stop.wait()
+        await drainer.stop()
+        return 0
+
+    return asyncio.run(run())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,6 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _validate(args)
     if args.command == "route":
         return _route_eval(args)
+    if args.usage_command == "drain":
+        return _usage_drain(args)
     return _usage_export(args)
 
 

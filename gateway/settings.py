@@ -23,8 +23,11 @@ class GatewaySettings(BaseModel):
     `TOLLGATE_POLICY_POLL_S`, `TOLLGATE_LOG_LEVEL`, `TOLLGATE_WORKERS`, the
     quota store's `TOLLGATE_STORE`, `TOLLGATE_REDIS_URL`,
     `TOLLGATE_REDIS_TIMEOUT_S`, `TOLLGATE_QUOTA_LEASE_TTL_S`,
-    `TOLLGATE_QUOTA_BREAKER_FAILURES`, `TOLLGATE_QUOTA_BREAKER_RESET_S`, plus
-    the `TOLLGATE_JWT_*` family read by `AuthSettings.from_env`.
+    `TOLLGATE_QUOTA_BREAKER_FAILURES`, `TOLLGATE_QUOTA_BREAKER_RESET_S`, the
+    usage ledger's `TOLLGATE_LEDGER_DIR`, `TOLLGATE_LEDGER_DRAIN_INTERVAL_S`,
+    `TOLLGATE_LEDGER_RETENTION_DAYS`, `TOLLGATE_LEDGER_DRAINER`,
+    `TOLLGATE_LEDGER_CHARGE_UNKNOWN`, `TOLLGATE_LEDGER_LOCK_TTL_S` (docs/ledger.md), plus the
+    `TOLLGATE_JWT_*` family read by `AuthSettings.from_env`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -47,6 +50,22 @@ class GatewaySettings(BaseModel):
     """How long a reservation outlives a gateway that died holding it."""
     quota_breaker_failures: int = Field(default=3, ge=1)
     quota_breaker_reset_s: float = Field(default=1.0, gt=0)
+    # --- usage ledger (docs/ledger.md) ---
+    ledger_dir: Path = Field(default_factory=lambda: default_ledger_dir())
+    """Root of the day-partitioned Parquet ledger."""
+    ledger_drain_interval_s: float = Field(default=5.0, gt=0)
+    """How often the drainer moves records from the store into the ledger."""
+    ledger_retention_days: int = Field(default=0, ge=0)
+    """Day partitions older than this are deleted by the drainer; 0 keeps all."""
+    ledger_drainer: bool = True
+    """Run a drainer in this process (one drains at a time across replicas);
+    off when `tollgate usage drain` runs on its own."""
+    ledger_charge_unknown: Literal["reserved", "prompt", "none"] = "reserved"
+    """What a record charges when the backend's usage never came back."""
+    ledger_lock_ttl_s: float = Field(default=30.0, gt=0)
+    """How long the active drainer's lock outlives it (Redis); longer than a
+    batch takes to write."""
+    # --- end usage ledger ---
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @model_validator(mode="after")
@@ -78,10 +97,22 @@ class GatewaySettings(BaseModel):
             "TOLLGATE_QUOTA_LEASE_TTL_S": "quota_lease_ttl_s",
             "TOLLGATE_QUOTA_BREAKER_FAILURES": "quota_breaker_failures",
             "TOLLGATE_QUOTA_BREAKER_RESET_S": "quota_breaker_reset_s",
+            "TOLLGATE_LEDGER_DIR": "ledger_dir",
+            "TOLLGATE_LEDGER_DRAIN_INTERVAL_S": "ledger_drain_interval_s",
+            "TOLLGATE_LEDGER_RETENTION_DAYS": "ledger_retention_days",
+            "TOLLGATE_LEDGER_DRAINER": "ledger_drainer",
+            "TOLLGATE_LEDGER_CHARGE_UNKNOWN": "ledger_charge_unknown",
+            "TOLLGATE_LEDGER_LOCK_TTL_S": "ledger_lock_ttl_s",
         }
         values: dict[str, object] = {f: env[k] for k, f in names.items() if env.get(k)}
         values["auth"] = AuthSettings.from_env(env)
         return cls.model_validate(values)
+
+
+def default_ledger_dir() -> Path:
+    """`$XDG_DATA_HOME/tollgate/ledger` (`~/.local/share/tollgate/ledger`)."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "tollgate" / "ledger"
 
 
 def dev_secret_path() -> Path:

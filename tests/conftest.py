@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,9 @@ TEST_SECRET = "tollgate-test-secret-0123456789-abcdefghijklmnop"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Gateways under test (and their child processes) keep the usage ledger's
+# default folder out of the user's data directory.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tollgate-test-data-")
 
 
 @pytest.fixture
@@ -83,6 +87,8 @@ def gateway_env(backend_url: str, tenants: Path, policies: Path) -> dict[str, st
         "TOLLGATE_POLICIES_DIR": str(policies),
         "TOLLGATE_JWT_HS_SECRET": TEST_SECRET,
         "TOLLGATE_POLICY_POLL_S": "0.2",
+        # The usage ledger beside the test's policy copies, not in the user's data dir.
+        "TOLLGATE_LEDGER_DIR": str(tenants.parent / "ledger"),
     }
 
 

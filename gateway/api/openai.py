@@ -19,6 +19,7 @@ from litestar.response import Stream
 
 from gateway.api.context import CallContext, authorize, read_json_object
 from gateway.api.sse import SseFramer, StreamUsage, usage_from
+from gateway.api.usage import draft_for
 from gateway.errors import BadRequestError
 from gateway.policy.compiled import ModelRoute, PriorityClass
 from gateway.queueing.classes import PRIORITY_HEADER, resolve_priority
@@ -67,7 +68,7 @@ def _check_fields(body: dict[str, Any], kind: str) -> bool:
     return stream
 
 
-# --- routing (issue 6): model resolution headers -------------------------------
+# --- routing: model resolution headers -------------------------------
 def _response_headers(
     ctx: CallContext, decision: RouteDecision, overhead_s: float
 ) -> dict[str, str]:
@@ -125,7 +126,7 @@ async def _forward(
     requested = _require_model(body)
     stream = _check_fields(body, kind)
     priority = resolve_priority(ctx.policy, ctx.tenant, request.headers.get(PRIORITY_HEADER))
-    # --- routing (issue 6): explicit, small/large or auto; tenant tiers; fallback;
+    # --- routing: explicit, small/large or auto; tenant tiers; fallback;
     # canary version. Kept on the context for the log line (and the usage record).
     session_id = session_id_of(request.headers.get(SESSION_HEADER))
     decision = services.router.decide(
@@ -144,7 +145,13 @@ async def _forward(
     # Quota: reserve prompt + max_tokens (may set max_tokens in the body).
     # From here every exit settles or releases the grant, exactly once.
     grant = await services.quota.admit(
-        ctx.policy, ctx.tenant, ctx.principal.app_id, route, body, kind
+        ctx.policy,
+        ctx.tenant,
+        ctx.principal.app_id,
+        route,
+        body,
+        kind,
+        record=draft_for(ctx, priority, stream),
     )
     try:
         return await _proxy(
@@ -191,7 +198,7 @@ async def _proxy(
     queue = services.queues.for_pool(pool)
     cost = grant.reserved_tokens
     async with queue.admit(priority, ctx.tenant.tenant_id, cost, request.receive) as slot:
-        # --- routing (issue 6): replicas in the order to try them, from the
+        # --- routing: replicas in the order to try them, from the
         # load and health as they are when the slot is granted; the upstream
         # client retries the next one before any byte reached the client.
         replicas = services.router.replicas_for(decision, body, kind, session_id)
@@ -211,6 +218,7 @@ async def _proxy(
                 replicas, path, payload, headers, pool.timeouts, cost=cost
             )
     ttfb = time.perf_counter() - sent_at
+    grant.record.replica = upstream.replica.url
     response_headers = _response_headers(ctx, decision, overhead)
     response_headers.update(grant.headers)
     response_headers["x-tollgate-priority"] = slot.priority
@@ -223,6 +231,7 @@ async def _proxy(
             usage = usage_from(reported) if isinstance(reported, dict) else StreamUsage()
         except (msgspec.DecodeError, AttributeError):
             usage = StreamUsage()
+        grant.record.observe(usage)
         await grant.settle(_used_tokens(usage))
         _log(
             ctx,
@@ -242,6 +251,7 @@ async def _proxy(
         outcome = "cancelled"
         try:
             async for chunk in upstream.chunks():
+                grant.record.first_token()  # usage ledger: time to first token
                 # is_usage_only runs on every event so usage is always read;
                 # the usage event is forwarded only when the client asked.
                 kept = [
@@ -263,6 +273,8 @@ async def _proxy(
             yield _sse_error("the backend connection failed mid-stream", "upstream_error")
         finally:
             # First, and without awaiting: this may run under cancellation.
+            grant.record.observe(framer.usage)
+            grant.record.stream_ended(outcome)
             grant.settle_soon(_used_tokens(framer.usage))
             slot.release()
             await upstream.close()

@@ -16,12 +16,20 @@ Order (each step may refuse the request):
    any limit has no room; when the store is unavailable, the tenant's
    `on_store_failure` decides: `fail_closed` is a 503 with Retry-After,
    `fail_open` admits without counting (logged as `quota_fail_open`).
+
+With the usage ledger on (`Quota(ledger=True)`, as the gateway runs), every
+admitted request gets a lease, tenants without counted limits included, so
+that its open record lives in the store and a request whose gateway dies
+still gets an `interrupted` record; the `Grant` carries the request's
+`RecordDraft`, and finishing the grant hands the finished record to the
+store with the settlement (`gateway.usage.record`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +56,12 @@ from gateway.quota.store import (
 )
 from gateway.quota.tokens import PromptCounter
 from gateway.settings import GatewaySettings
+from gateway.usage.record import ChargeUnknown, RecordDraft, UsageEntry
 
 log = structlog.get_logger("tollgate.quota")
+
+REQUEST_ID_HEADER = "x-tollgate-request-id"
+"""Tollgate's own id of an admitted request: the key of its usage record."""
 
 _WORDS = {
     "requests_per_minute": "requests per minute (RPM)",
@@ -66,6 +78,11 @@ class Grant:
     `settle` when the backend was reached (with its reported tokens, or None
     when unknown: the reservation is charged), `release` when it never was.
     Later calls are no-ops, so every exit path of a request may call one.
+
+    `record` is the request's usage record in the making: the request path
+    notes the replica, the first token, the reported usage and how a stream
+    ended on it; finishing the grant finishes the record too (when the
+    ledger is on).
     """
 
     def __init__(
@@ -76,35 +93,61 @@ class Grant:
         reserved_tokens: int,
         headers: dict[str, str],
         keeper: LeaseKeeper | None,
+        record: RecordDraft | None = None,
+        charge_unknown: ChargeUnknown = "reserved",
+        unleased: Lease | None = None,
     ) -> None:
         self.lease = lease
         self.prompt_tokens = prompt_tokens
         self.reserved_tokens = reserved_tokens
         """prompt + max_tokens: what the queue can order by, too."""
         self.headers = headers
-        """`x-ratelimit-*` for the response (empty when nothing was counted)."""
+        """`x-ratelimit-*` (and `x-tollgate-request-id` with the ledger on)
+        for the response (empty when nothing was counted)."""
         self._keeper = keeper
+        self._ledger = record is not None
+        self.record = record if record is not None else RecordDraft("", "", "")
+        self._charge_unknown = charge_unknown
+        self._unleased = unleased
+        """A request served without a lease (`fail_open`) under the ledger:
+        its record is appended on its own, named by this."""
         self.finished = False
         self.sent = False
         """Set just before the request goes to a backend: from then on a
         failure may have consumed tokens."""
 
-    def _finish_soon(self, actual_tokens: int | None) -> asyncio.Task[None] | None:
+    def _finish_soon(
+        self, quota_tokens: int | None, *, reached: bool, reported: int | None = None
+    ) -> asyncio.Task[None] | None:
         if self.finished:
             return None
         self.finished = True
-        if self.lease is None or self._keeper is None:
+        if self._keeper is None:
             return None
-        return self._keeper.finish(self.lease, actual_tokens)
+        entry: UsageEntry | None = None
+        if self._ledger:
+            entry = self.record.final_entry(
+                self._charge_unknown,
+                reached_backend=reached,
+                actual_tokens=reported,
+                check=self._unleased is not None,
+            )
+        if self.lease is None:
+            if entry is not None and self._unleased is not None:
+                return self._keeper.append(self._unleased, entry)
+            return None
+        return self._keeper.finish(self.lease, quota_tokens, entry)
 
     def settle_soon(self, actual_tokens: int | None) -> None:
         """Start settling without waiting (for `finally` blocks that may be
         running under cancellation, where an `await` would not return)."""
-        self._finish_soon(self.reserved_tokens if actual_tokens is None else actual_tokens)
+        quota_tokens = self.reserved_tokens if actual_tokens is None else actual_tokens
+        self._finish_soon(quota_tokens, reached=True, reported=actual_tokens)
 
     async def settle(self, actual_tokens: int | None) -> None:
         """Settle with the backend's usage (None: charge the reservation)."""
-        task = self._finish_soon(self.reserved_tokens if actual_tokens is None else actual_tokens)
+        quota_tokens = self.reserved_tokens if actual_tokens is None else actual_tokens
+        task = self._finish_soon(quota_tokens, reached=True, reported=actual_tokens)
         if task is not None:
             await asyncio.shield(task)
 
@@ -117,6 +160,7 @@ class Grant:
         cancellation) may have: charge the reservation, as nothing better is
         known. Before sending, nothing was consumed: release.
         """
+        self.record.failed(exc)
         if isinstance(exc, GatewayError):
             exc.headers = {**self.headers, **exc.headers}
             refused = exc.status_code < 500 or isinstance(exc, ServiceUnavailableError)
@@ -130,11 +174,11 @@ class Grant:
 
     def release_soon(self) -> None:
         """Start refunding everything without waiting."""
-        self._finish_soon(None)
+        self._finish_soon(None, reached=False)
 
     async def release(self) -> None:
         """Refund everything (the request never reached a backend)."""
-        task = self._finish_soon(None)
+        task = self._finish_soon(None, reached=False)
         if task is not None:
             await asyncio.shield(task)
 
@@ -149,11 +193,16 @@ class Quota:
         lease_ttl_s: float,
         counter: PromptCounter | None = None,
         keeper: LeaseKeeper | None = None,
+        ledger: bool = False,
+        charge_unknown: ChargeUnknown = "reserved",
     ) -> None:
         self.store = store
         self.lease_ttl_s = lease_ttl_s
         self.counter = counter or PromptCounter()
         self.keeper = keeper or LeaseKeeper(store, lease_ttl_s=lease_ttl_s)
+        self.ledger = ledger
+        """Whether admitted requests get usage records (the gateway: always)."""
+        self.charge_unknown: ChargeUnknown = charge_unknown
         self.fail_open_admits = 0
         """Requests admitted uncounted because the store was unavailable."""
 
@@ -165,9 +214,11 @@ class Quota:
         route: ModelRoute,
         body: dict[str, Any],
         kind: str,
+        record: RecordDraft | None = None,
     ) -> Grant:
         """Admit one request or raise the error that refuses it; may set
-        `max_tokens` in `body` (see the module docstring)."""
+        `max_tokens` in `body` (see the module docstring). `record` is the
+        request's usage record so far (a minimal one when None)."""
         limits = request_limits(tenant, app_id, route.name)
         prompt = self.counter.count(route, body, kind)
         if limits.max_prompt_tokens is not None and prompt > limits.max_prompt_tokens:
@@ -179,10 +230,24 @@ class Quota:
                 param="messages" if kind == "chat" else "prompt",
             )
         output = _output_tokens(body, limits.max_output_tokens, route, prompt)
-        reservation = reservation_for(tenant, app_id, route.name, prompt + output)
-        if not reservation.scopes:
+        reserved = prompt + output
+        draft = record or RecordDraft(
+            tenant.tenant_id, route.name, route.name, bool(body.get("stream")), app=app_id
+        )
+        draft.request_id = uuid.uuid4().hex
+        draft.prompt_estimate, draft.reserved_tokens = prompt, reserved
+        reservation = reservation_for(
+            tenant,
+            app_id,
+            route.name,
+            reserved,
+            lease_id=draft.request_id,
+            usage=draft.open_entry(self.charge_unknown) if self.ledger else None,
+        )
+        lease_name = Lease(tenant.tenant_id, reservation.lease_id, reserved)
+        if not reservation.scopes and not self.ledger:
             return Grant(
-                None, prompt_tokens=prompt, reserved_tokens=prompt + output, headers={}, keeper=None
+                None, prompt_tokens=prompt, reserved_tokens=reserved, headers={}, keeper=None
             )
         try:
             admission = await self.store.admit(reservation)
@@ -190,14 +255,21 @@ class Quota:
             if exc.attempted:
                 # The script may have run before the reply was lost: refund
                 # the lease if it exists (a no-op otherwise), retried until
-                # its TTL.
-                self.keeper.finish(
-                    Lease(tenant.tenant_id, reservation.lease_id, reservation.tokens), None
-                )
-            return self._store_failed(tenant, exc, prompt, prompt + output)
+                # its TTL; a refused request's record says so, if it exists.
+                void = None
+                if self.ledger and tenant.on_store_failure == "fail_closed":
+                    draft.status, draft.http_status = "error", 503
+                    draft.error_code = "quota_unavailable"
+                    void = draft.final_entry(
+                        self.charge_unknown, reached_backend=False, only_if_known=True
+                    )
+                self.keeper.finish(lease_name, None, void)
+            return self._store_failed(tenant, exc, prompt, reserved, draft, lease_name)
         headers = rate_limit_headers(admission.figures)
         if admission.lease is None:
             raise _refusal(admission, reservation.tokens, headers)
+        if self.ledger:
+            headers[REQUEST_ID_HEADER] = draft.request_id
         self.keeper.track(admission.lease, _horizon_s(policy, route, self.lease_ttl_s))
         return Grant(
             admission.lease,
@@ -205,16 +277,36 @@ class Quota:
             reserved_tokens=reservation.tokens,
             headers=headers,
             keeper=self.keeper,
+            record=draft if self.ledger else None,
+            charge_unknown=self.charge_unknown,
         )
 
     def _store_failed(
-        self, tenant: TenantPolicy, exc: StoreUnavailableError, prompt: int, reserved: int
+        self,
+        tenant: TenantPolicy,
+        exc: StoreUnavailableError,
+        prompt: int,
+        reserved: int,
+        draft: RecordDraft,
+        lease_name: Lease,
     ) -> Grant:
         if tenant.on_store_failure == "fail_open":
             self.fail_open_admits += 1
             log.warning("quota_fail_open", tenant=tenant.tenant_id, error=str(exc))
+            if not self.ledger:
+                return Grant(
+                    None, prompt_tokens=prompt, reserved_tokens=reserved, headers={}, keeper=None
+                )
+            # Served uncounted, but billed: its record is appended on its own.
             return Grant(
-                None, prompt_tokens=prompt, reserved_tokens=reserved, headers={}, keeper=None
+                None,
+                prompt_tokens=prompt,
+                reserved_tokens=reserved,
+                headers={REQUEST_ID_HEADER: draft.request_id},
+                keeper=self.keeper,
+                record=draft,
+                charge_unknown=self.charge_unknown,
+                unleased=lease_name,
             )
         log.warning("quota_fail_closed", tenant=tenant.tenant_id, error=str(exc))
         raise ServiceUnavailableError(
@@ -320,4 +412,4 @@ def build_quota(settings: GatewaySettings, *, clock: Callable[[], float] | None 
         )
     else:
         store = MemoryQuotaStore(lease_ttl_s=ttl, clock=clock or time.time)
-    return Quota(store, lease_ttl_s=ttl)
+    return Quota(store, lease_ttl_s=ttl, ledger=True, charge_unknown=settings.ledger_charge_unknown)

@@ -30,6 +30,7 @@ from gateway.quota.store import (
     ScopeUsage,
     StoreUnavailableError,
 )
+from gateway.usage.record import UsageEntry
 
 log = structlog.get_logger("tollgate.quota")
 T = TypeVar("T")
@@ -144,13 +145,24 @@ class GuardedStore:
         """See `QuotaStore.admit`."""
         return await self._call("admit", lambda: self.inner.admit(reservation))
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
+    async def settle(
+        self, lease: Lease, actual_tokens: int, usage: UsageEntry | None = None
+    ) -> bool:
         """See `QuotaStore.settle`."""
-        return await self._call("settle", lambda: self.inner.settle(lease, actual_tokens))
+        return await self._call("settle", lambda: self.inner.settle(lease, actual_tokens, usage))
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, usage: UsageEntry | None = None) -> bool:
         """See `QuotaStore.release`."""
-        return await self._call("release", lambda: self.inner.release(lease))
+        return await self._call("release", lambda: self.inner.release(lease, usage))
+
+    async def append(self, tenant_id: str, usage: UsageEntry) -> None:
+        """See `QuotaStore.append`."""
+        await self._call("append", lambda: self.inner.append(tenant_id, usage))
+
+    async def sweep(self) -> int:
+        """See `QuotaStore.sweep` (not bounded by the call deadline: it is
+        the drainer's, on its own connection, not a request's)."""
+        return await self.inner.sweep()
 
     async def renew(self, leases: Sequence[Lease]) -> int:
         """See `QuotaStore.renew`."""

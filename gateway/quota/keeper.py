@@ -11,6 +11,9 @@ is cancelled or the store blips.
   must still happen. A settle or release that fails because the store is
   unavailable is retried on each tick until the lease's TTL has passed (by
   then the store has reclaimed it, and a retry would be a no-op).
+- Usage records travel with the settlement (`gateway.usage`); a record
+  without a lease (`append`, for requests served `fail_open`) is retried the
+  same way, for one TTL.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from gateway.quota.store import Lease, QuotaStore, StoreUnavailableError
+from gateway.usage.record import UsageEntry
 
 log = structlog.get_logger("tollgate.quota")
 
@@ -37,6 +42,14 @@ class _Pending:
     lease: Lease
     actual_tokens: int | None
     give_up_at: float
+    usage: UsageEntry | None = None
+    append_only: bool = False
+    """No lease to finish: only `usage` to append."""
+
+
+def _key(lease: Lease, append_only: bool) -> str:
+    """Pending work per lease: its settlement, and apart from it an append."""
+    return ("append:" if append_only else "") + lease.lease_id
 
 
 class LeaseKeeper:
@@ -67,27 +80,55 @@ class LeaseKeeper:
         """Renew `lease` until it is finished or `horizon_s` from now."""
         self._live[lease.lease_id] = (lease, self._clock() + horizon_s)
 
-    def finish(self, lease: Lease, actual_tokens: int | None) -> asyncio.Task[None]:
+    def finish(
+        self, lease: Lease, actual_tokens: int | None, usage: UsageEntry | None = None
+    ) -> asyncio.Task[None]:
         """Settle with `actual_tokens` (or release when None) in a task owned
-        here; the caller may await it, and may be cancelled meanwhile."""
+        here, appending `usage`; the caller may await it, and may be
+        cancelled meanwhile."""
         self._live.pop(lease.lease_id, None)
-        task = asyncio.get_running_loop().create_task(self._finish(lease, actual_tokens))
+        return self._spawn(self._finish(lease, actual_tokens, usage))
+
+    def append(self, lease: Lease, usage: UsageEntry) -> asyncio.Task[None]:
+        """Append `usage` for a request that holds no lease in the store
+        (`lease` only names it), retried like a settlement."""
+        return self._spawn(self._append(lease, usage))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _finish(self, lease: Lease, actual_tokens: int | None) -> None:
+    def _keep_for_retry(self, pending: _Pending) -> None:
+        key = _key(pending.lease, pending.append_only)
+        if key not in self._pending and len(self._pending) < MAX_PENDING:
+            self._pending[key] = pending
+        elif pending.append_only and key not in self._pending:
+            log.error("usage_record_dropped", tenant=pending.lease.tenant_id)
+
+    async def _append(self, lease: Lease, usage: UsageEntry) -> None:
+        try:
+            await self._store.append(lease.tenant_id, usage)
+        except StoreUnavailableError:
+            give_up = self._clock() + self._ttl
+            self._keep_for_retry(_Pending(lease, None, give_up, usage, append_only=True))
+            return
+        except Exception:
+            log.exception("usage_append_failed", lease=lease.lease_id)
+            return
+        self._pending.pop(_key(lease, True), None)
+
+    async def _finish(
+        self, lease: Lease, actual_tokens: int | None, usage: UsageEntry | None = None
+    ) -> None:
         try:
             if actual_tokens is None:
-                known = await self._store.release(lease)
+                known = await self._store.release(lease, usage=usage)
             else:
-                known = await self._store.settle(lease, actual_tokens)
+                known = await self._store.settle(lease, actual_tokens, usage=usage)
         except StoreUnavailableError:
-            earlier = self._pending.get(lease.lease_id)
-            if earlier is None and len(self._pending) < MAX_PENDING:
-                self._pending[lease.lease_id] = _Pending(
-                    lease, actual_tokens, self._clock() + self._ttl
-                )
+            self._keep_for_retry(_Pending(lease, actual_tokens, self._clock() + self._ttl, usage))
             return
         except Exception:
             log.exception("quota_finish_failed", lease=lease.lease_id)
@@ -108,12 +149,18 @@ class LeaseKeeper:
             leases = [lease for lease, _ in self._live.values()]
             with contextlib.suppress(StoreUnavailableError):
                 await self._store.renew(leases)
-        for lease_id, pending in list(self._pending.items()):
+        for key, pending in list(self._pending.items()):
             if pending.give_up_at <= now:
-                del self._pending[lease_id]
-                log.warning("quota_finish_abandoned", tenant=pending.lease.tenant_id)
+                del self._pending[key]
+                log.warning(
+                    "quota_finish_abandoned",
+                    tenant=pending.lease.tenant_id,
+                    usage_record_lost=pending.append_only,
+                )
+            elif pending.append_only and pending.usage is not None:
+                await self._append(pending.lease, pending.usage)
             else:
-                await self._finish(pending.lease, pending.actual_tokens)
+                await self._finish(pending.lease, pending.actual_tokens, pending.usage)
 
     async def _run(self) -> None:
         while True:

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 
 from gateway.policy.compiled import Limits, TenantPolicy
+from gateway.usage.record import UsageEntry
 
 KEY_PREFIX = "tollgate:q:"
 WINDOW_S = 60.0
@@ -83,6 +84,9 @@ class Reservation:
     lease_id: str
     tokens: int
     scopes: tuple[Scope, ...]
+    usage: UsageEntry | None = None
+    """The request's open usage record (status `interrupted`): the store keeps
+    it with the lease and appends it, closed, if the lease expires."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,7 @@ def reservation_for(
     tokens: int,
     *,
     lease_id: str | None = None,
+    usage: UsageEntry | None = None,
 ) -> Reservation:
     """A reservation of `tokens` (prompt + max_tokens) for one request."""
     return Reservation(
@@ -178,4 +183,5 @@ def reservation_for(
         lease_id=lease_id or uuid.uuid4().hex,
         tokens=tokens,
         scopes=scopes_for(tenant, app_id, model),
+        usage=usage,
     )

@@ -4,6 +4,11 @@ Every operation runs without an `await`, so on one event loop it is atomic
 by construction. Counters live in this process only: several worker
 processes (or replicas) would each allow the full limit, which is why the
 settings refuse `workers > 1` with this store.
+
+Usage records go to `usage_buffer`, in order, where the ledger's drainer
+(`gateway.usage.sources.MemoryUsageSource`) takes them from; it flushes
+the buffer on shutdown. A process that is killed loses what it had not
+drained yet, and its leases with it: only Redis survives a gateway.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from gateway.quota.limits import WINDOW_S, Reservation, Scope
 from gateway.quota.periods import PeriodCache, Unit
 from gateway.quota.store import Admission, Figure, Lease, ScopeUsage, charged
+from gateway.usage.record import UsageEntry, close_open_record
 
 CONCURRENCY_RETRY_S = 1.0
 """Retry-After for a full concurrency limit: a slot frees when some request
@@ -99,6 +105,7 @@ class _Record:
     windows: list[str]
     slots: list[str]
     budgets: list[str]
+    usage: UsageEntry | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +127,8 @@ class MemoryQuotaStore:
         self._recent_periods: dict[str, deque[str]] = {}
         self._tenants: dict[str, _Tenant] = {}
         self._periods = PeriodCache()
+        self.usage_buffer: deque[UsageEntry] = deque()
+        """Usage records not yet drained into the ledger, oldest first."""
 
     async def admit(self, reservation: Reservation) -> Admission:
         """See `QuotaStore.admit`."""
@@ -136,7 +145,7 @@ class MemoryQuotaStore:
         allowed = not any(figure.refused for figure in checks)
         if not allowed:
             return Admission(None, tuple(checks))
-        record = _Record(lease, now + self._ttl, [], [], [])
+        record = _Record(lease, now + self._ttl, [], [], [], reservation.usage)
         for scope in reservation.scopes:
             self._charge(scope, record, now, cost)
         tenant.leases[lease.lease_id] = record
@@ -207,20 +216,30 @@ class MemoryQuotaStore:
         while len(recent) > 2:
             self._budgets.pop(recent.popleft(), None)
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
+    async def settle(
+        self, lease: Lease, actual_tokens: int, usage: UsageEntry | None = None
+    ) -> bool:
         """See `QuotaStore.settle`."""
-        return self._finish(lease, max(0, actual_tokens))
+        return self._finish(lease, max(0, actual_tokens), usage)
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, usage: UsageEntry | None = None) -> bool:
         """See `QuotaStore.release`."""
-        return self._finish(lease, None)
+        return self._finish(lease, None, usage)
 
-    def _finish(self, lease: Lease, actual_tokens: int | None) -> bool:
+    async def append(self, tenant_id: str, usage: UsageEntry) -> None:
+        """See `QuotaStore.append`."""
+        self.usage_buffer.append(usage)
+
+    def _finish(self, lease: Lease, actual_tokens: int | None, usage: UsageEntry | None) -> bool:
         tenant = self._tenants.get(lease.tenant_id)
         record = tenant.leases.pop(lease.lease_id, None) if tenant is not None else None
         if record is None:
+            if usage is not None and not usage.only_if_known:
+                self.usage_buffer.append(_flagged(usage))
             return False
         self._undo(record, actual_tokens)
+        if usage is not None:
+            self.usage_buffer.append(usage)
         return True
 
     def _undo(self, record: _Record, actual_tokens: int | None) -> None:
@@ -262,14 +281,25 @@ class MemoryQuotaStore:
             renewed += 1
         return renewed
 
-    def _reclaim(self, tenant: _Tenant, now: float) -> None:
-        """Refund leases whose TTL passed (their gateway never came back)."""
+    def _reclaim(self, tenant: _Tenant, now: float) -> int:
+        """Refund leases whose TTL passed (their gateway never came back) and
+        append their interrupted records; returns how many."""
+        reclaimed = 0
         while tenant.expiries and tenant.expiries[0][0] <= now:
             _, lease_id = heapq.heappop(tenant.expiries)
             record = tenant.leases.get(lease_id)
             if record is not None and record.expires_at <= now:
                 del tenant.leases[lease_id]
                 self._undo(record, None)
+                reclaimed += 1
+                if record.usage is not None:
+                    self.usage_buffer.append(_closed(record.usage, now))
+        return reclaimed
+
+    async def sweep(self) -> int:
+        """See `QuotaStore.sweep`."""
+        now = self._clock()
+        return sum(self._reclaim(tenant, now) for tenant in self._tenants.values())
 
     async def peek(self, scope: Scope) -> ScopeUsage:
         """See `QuotaStore.peek`."""
@@ -294,6 +324,16 @@ class MemoryQuotaStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _flagged(usage: UsageEntry) -> UsageEntry:
+    return UsageEntry(usage.day, usage.data, usage.started_ms, check=True)
+
+
+def _closed(usage: UsageEntry, now: float) -> UsageEntry:
+    """An open (interrupted) record, ended now."""
+    data = close_open_record(usage.data, round(now * 1000), usage.started_ms)
+    return UsageEntry(usage.day, data, usage.started_ms, check=True)
 
 
 def _budget_key(scope: Scope, unit: Unit, label: str) -> str:

@@ -22,6 +22,18 @@ where <scope> is `tollgate:q:{T}:t`, `...:t|m|<model>`, `...:a|<app>` or
 `...:a|<app>|m|<model>`. Settling and reclaiming touch the keys a lease record
 names: undeclared keys, but in the same slot as the declared ones, which
 Redis Cluster serves.
+
+Usage records (`gateway.usage`) go to one stream per tenant, in the tenant's
+slot, so the scripts that settle, release and reclaim append them atomically:
+
+    tollgate:u:{T}                     STREAM  d=<UTC day> r=<record JSON> [c=1]
+    tollgate:u:tenants                 SET     tenants that may have records
+
+A lease record also keeps the request's open record (`u`, its day `ud` and
+start `t0`); reclaiming the lease closes and appends it (status
+`interrupted`). `c=1` flags a record whose request id may appear twice.
+The tenant set is a key of its own slot, written by the gateway (outside
+any script) before a tenant's first record, for the drainer to find streams.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from redis.backoff import NoBackoff
 from gateway.quota.limits import COUNTED, WINDOW_S, Reservation, Scope, tenant_prefix
 from gateway.quota.periods import Period, PeriodCache
 from gateway.quota.store import Admission, Figure, Lease, ScopeUsage, charged
+from gateway.usage.record import UsageEntry
 
 RECLAIM_BATCH = 64
 """Expired leases refunded per admit at most, so one admit stays cheap even
@@ -44,6 +57,24 @@ after a gateway with many requests in flight was killed."""
 
 _KEYS_PER_SCOPE = 9
 _ARGS_PER_SCOPE = 7
+
+USAGE_PREFIX = "tollgate:u:"
+TENANTS_KEY = USAGE_PREFIX + "tenants"
+REGISTER_EVERY_S = 60.0
+"""How often one process re-adds a tenant to `TENANTS_KEY` (in case Redis
+lost it); a tenant's first record always registers it first."""
+
+
+async def registered_tenants(client: Redis) -> list[str]:
+    """The tenants in `TENANTS_KEY`, sorted."""
+    members: set[bytes | str] = await client.smembers(TENANTS_KEY)  # type: ignore[misc]
+    return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+
+def usage_stream(tenant_id: str) -> str:
+    """`tollgate:u:{tenant}`: the tenant's usage stream (its quota keys' slot)."""
+    return f"{USAGE_PREFIX}{{{tenant_id}}}"
+
 
 _PRELUDE = r"""
 local function now_ms(override)
@@ -99,14 +130,24 @@ local function undo(lease, rec, actual)
   end
 end
 
-local function reclaim(leases, expiries, now, batch)
+-- Refund expired leases; append the open usage record of each (interrupted).
+local function reclaim(leases, expiries, now, batch, stream)
   local ids = redis.call('ZRANGEBYSCORE', expiries, '-inf', now, 'LIMIT', 0, batch)
   for _, id in ipairs(ids) do
     local raw = redis.call('HGET', leases, id)
-    if raw then undo(id, cjson.decode(raw), nil) end
+    if raw then
+      local rec = cjson.decode(raw)
+      undo(id, rec, nil)
+      if rec.u then
+        local closed = string.sub(rec.u, 1, -2) .. ',"ended_ms":' .. string.format('%d', now)
+          .. ',"latency_ms":' .. string.format('%d', now - tonumber(rec.t0)) .. '}'
+        redis.call('XADD', stream, '*', 'd', rec.ud, 'r', closed, 'c', '1')
+      end
+    end
     redis.call('HDEL', leases, id)
     redis.call('ZREM', expiries, id)
   end
+  return #ids
 end
 
 -- The candidate period (of three) that contains `now`: key and end (ms).
@@ -127,7 +168,7 @@ local leases, expiries = KEYS[1], KEYS[2]
 local lease, cost, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms(ARGV[4])
 local win_ms, n = tonumber(ARGV[5]), tonumber(ARGV[6])
-reclaim(leases, expiries, now, tonumber(ARGV[7]))
+reclaim(leases, expiries, now, tonumber(ARGV[7]), KEYS[#KEYS])
 if redis.call('HEXISTS', leases, lease) == 1 then return '2' end
 
 local out = {1}
@@ -239,6 +280,10 @@ for _, plan in ipairs(plans) do
     rec.b[#rec.b + 1] = b[1]
   end
 end
+local open = ARGV[#ARGV - 2]
+if open ~= '' then
+  rec.u, rec.ud, rec.t0 = open, ARGV[#ARGV - 1], ARGV[#ARGV]
+end
 redis.call('HSET', leases, lease, cjson.encode(rec))
 redis.call('ZADD', expiries, now + ttl, lease)
 -- One bulk string: far cheaper for the client to read than an array.
@@ -249,14 +294,35 @@ return table.concat(out, ',')
 _FINISH = (
     _PRELUDE
     + r"""
+-- ARGV: lease, actual ('' = refund), record day, record ('' = none),
+-- only-if-known ('1'), flag for de-duplication ('1').
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then return 0 end
+if not raw then
+  if ARGV[4] ~= '' and ARGV[5] ~= '1' then
+    redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'r', ARGV[4], 'c', '1')
+  end
+  return 0
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 local actual = nil
 if ARGV[2] ~= '' then actual = tonumber(ARGV[2]) end
 undo(ARGV[1], cjson.decode(raw), actual)
+if ARGV[4] ~= '' then
+  if ARGV[6] == '1' then
+    redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'r', ARGV[4], 'c', '1')
+  else
+    redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'r', ARGV[4])
+  end
+end
 return 1
+"""
+)
+
+_SWEEP = (
+    _PRELUDE
+    + r"""
+return reclaim(KEYS[1], KEYS[2], now_ms(ARGV[1]), tonumber(ARGV[2]), KEYS[3])
 """
 )
 
@@ -337,7 +403,9 @@ class RedisQuotaStore:
         self._finish = client.register_script(_FINISH)
         self._renew = client.register_script(_RENEW)
         self._peek = client.register_script(_PEEK)
+        self._sweep = client.register_script(_SWEEP)
         self._periods = PeriodCache()
+        self._registered: dict[str, float] = {}
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None else time.time()
@@ -373,6 +441,13 @@ class RedisQuotaStore:
                 _bounds_ms(days),
                 _bounds_ms(months),
             ]
+        usage = reservation.usage
+        if usage is not None:
+            await self._register(reservation.tenant_id)
+            args += [usage.data, usage.day, usage.started_ms]
+        else:
+            args += ["", "", 0]
+        keys.append(usage_stream(reservation.tenant_id))
         reply: bytes = await self._admit(keys=keys, args=args)
         raw = [int(v) for v in reply.split(b",")]
         lease = Lease(reservation.tenant_id, reservation.lease_id, reservation.tokens)
@@ -384,20 +459,60 @@ class RedisQuotaStore:
             return Admission(lease, tuple(charged(f, reservation.tokens) for f in figures))
         return Admission(None, tuple(figures))
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
+    async def settle(
+        self, lease: Lease, actual_tokens: int, usage: UsageEntry | None = None
+    ) -> bool:
         """See `QuotaStore.settle`."""
-        return await self._run_finish(lease, str(max(0, actual_tokens)))
+        return await self._run_finish(lease, str(max(0, actual_tokens)), usage)
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, usage: UsageEntry | None = None) -> bool:
         """See `QuotaStore.release`."""
-        return await self._run_finish(lease, "")
+        return await self._run_finish(lease, "", usage)
 
-    async def _run_finish(self, lease: Lease, actual: str) -> bool:
+    async def _run_finish(self, lease: Lease, actual: str, usage: UsageEntry | None) -> bool:
         prefix = tenant_prefix(lease.tenant_id)
+        args: list[Any] = [lease.lease_id, actual]
+        if usage is None:
+            args += ["", "", "0", "0"]
+        else:
+            await self._register(lease.tenant_id)
+            only = "1" if usage.only_if_known else "0"
+            args += [usage.day, usage.data, only, "1" if usage.check else "0"]
         done = await self._finish(
-            keys=[prefix + "leases", prefix + "lease_exp"], args=[lease.lease_id, actual]
+            keys=[prefix + "leases", prefix + "lease_exp", usage_stream(lease.tenant_id)],
+            args=args,
         )
         return bool(done)
+
+    async def append(self, tenant_id: str, usage: UsageEntry) -> None:
+        """See `QuotaStore.append`."""
+        await self._register(tenant_id)
+        stream = usage_stream(tenant_id)
+        if usage.check:
+            await self._client.xadd(stream, {"d": usage.day, "r": usage.data, "c": "1"})
+        else:
+            await self._client.xadd(stream, {"d": usage.day, "r": usage.data})
+
+    async def _register(self, tenant_id: str) -> None:
+        """Make sure the drainer knows the tenant's stream (before its first record)."""
+        now = time.monotonic()
+        if self._registered.get(tenant_id, 0.0) > now:
+            return
+        await self._client.sadd(TENANTS_KEY, tenant_id)
+        self._registered[tenant_id] = now + REGISTER_EVERY_S
+
+    async def sweep(self) -> int:
+        """See `QuotaStore.sweep` (one script per tenant with records)."""
+        reclaimed = 0
+        for tenant_id in await registered_tenants(self._client):
+            prefix = tenant_prefix(tenant_id)
+            keys = [prefix + "leases", prefix + "lease_exp", usage_stream(tenant_id)]
+            while True:
+                done = int(await self._sweep(keys=keys, args=[self._now_arg(), RECLAIM_BATCH]))
+                reclaimed += done
+                if done < RECLAIM_BATCH:
+                    break
+        return reclaimed
 
     async def renew(self, leases: Sequence[Lease]) -> int:
         """See `QuotaStore.renew` (one script per tenant)."""

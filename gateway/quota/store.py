@@ -20,7 +20,14 @@ totals per calendar day and month. Its four operations:
 
 A lease that is neither settled nor renewed within the store's TTL (its
 gateway was killed) is reclaimed on the next admit for its tenant, exactly as
-`release` would.
+`release` would, or by `sweep`, which the ledger's drainer runs periodically.
+
+Usage records (`gateway.usage`): `settle` and `release` take the request's
+record and append it in the same atomic step; `admit` keeps the request's
+open record with the lease, and reclaiming an expired lease appends it as an
+`interrupted` record. `append` adds a record without a lease (a request
+served `fail_open`). Where the records go is the store's: a Redis Stream per
+tenant, or an in-process buffer (`gateway.usage.sources`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from gateway.quota.limits import BUDGETS, WINDOW_S, Reservation, Scope
+from gateway.usage.record import UsageEntry
 
 WINDOW_KINDS = frozenset({"requests_per_minute", "tokens_per_minute"})
 PER_REQUEST_KINDS = frozenset({"requests_per_minute", "max_concurrent"})
@@ -155,16 +163,31 @@ class QuotaStore(Protocol):
         """Charge the reservation against all its scopes, or nothing."""
         ...
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
-        """Replace the reserved tokens with `actual_tokens` and free the slot.
+    async def settle(
+        self, lease: Lease, actual_tokens: int, usage: UsageEntry | None = None
+    ) -> bool:
+        """Replace the reserved tokens with `actual_tokens` and free the slot,
+        and append `usage` in the same step.
 
         Returns False when the lease is unknown (already settled or released,
-        or reclaimed after its TTL); nothing is counted then.
+        or reclaimed after its TTL); nothing is counted then, and `usage` is
+        still appended (flagged for de-duplication) unless it is
+        `only_if_known`: a late record knows more than an interrupted one.
         """
         ...
 
-    async def release(self, lease: Lease) -> bool:
-        """Refund everything the lease reserved; False when it is unknown."""
+    async def release(self, lease: Lease, usage: UsageEntry | None = None) -> bool:
+        """Refund everything the lease reserved (appending `usage` as `settle`
+        does); False when it is unknown."""
+        ...
+
+    async def append(self, tenant_id: str, usage: UsageEntry) -> None:
+        """Append a usage record that belongs to no lease."""
+        ...
+
+    async def sweep(self) -> int:
+        """Reclaim every tenant's expired leases (appending their interrupted
+        records); returns how many were reclaimed."""
         ...
 
     async def renew(self, leases: Sequence[Lease]) -> int:

@@ -11,9 +11,8 @@ Two pure steps:
   features that moved the score, largest first.
 
 Weights and thresholds come from policy (``routing.auto``); the cue lists are
-here, documented in docs/routing.md. Only the first ``_SCAN_CHARS`` characters
-of each text are scanned, so a huge prompt costs no more than a long one (its
-length still counts through ``prompt_tokens``).
+here, documented in docs/routing.md. Cues are matched as whole words on the
+lowercased text, from a text's first 3,000 and last 1,000 characters.
 """
 
 from __future__ import annotations
@@ -27,285 +26,137 @@ from typing import Any, get_args
 from gateway.policy.compiled import ClassifierConfig, FeatureName, ModelTier
 
 FEATURES: tuple[str, ...] = get_args(FeatureName)
-_SCAN_CHARS = 16_000
+_SCAN_HEAD_CHARS = 3000
+_SCAN_TAIL_CHARS = 1000
+"""Cues are read from a text's first and last characters only (instructions
+sit at the start or the end of a long prompt), so a huge prompt costs no more
+than a long one; its length still counts through ``prompt_tokens``."""
 _CHARS_PER_TOKEN = 4
 _SHORT_PROMPT_TOKENS = 12
 """Prompts this short add nothing through ``prompt_tokens``."""
 
+# fmt: off
+# Cue phrases by group: lowercase words as the tokenizer splits them. Within a
+# group, overlapping phrases count once (the longest).
+_CUES: dict[str, tuple[str, ...]] = {
+    "code": (
+        "python", "java", "javascript", "typescript", "rust", "golang", "go code", "c++",
+        "kotlin", "swift", "ruby", "php", "sql", "bash", "shell script", "regex",
+        "regular expression", "docker", "dockerfile", "kubernetes", "react", "django", "node",
+        "api", "rest", "endpoint", "endpoints", "function", "functions", "class", "classes",
+        "algorithm", "algorithms", "recursion", "recursive", "time complexity",
+        "space complexity", "unit test", "unit tests", "pytest", "stack trace", "bug", "bugs",
+        "debug", "compile", "compiler", "compilers", "compiles", "refactor", "deadlock",
+        "deadlocks", "thread-safe", "concurrent", "concurrency", "async", "async/await",
+        "query", "queries", "linked list", "binary tree", "binary search tree", "cache",
+        "memory leak", "workflow", "github actions", "cte", "data structure",
+        "data structures", "implement", "source code", "script",
+    ),
+    "math": (
+        "solve", "prove", "proof", "derive", "derivative", "derivatives", "integral",
+        "integrals", "probability", "equation", "equations", "expected value",
+        "expected number", "eigenvalue", "eigenvalues", "eigenvector", "eigenvectors", "limit",
+        "factor", "factors", "factorise", "factorize", "modulo", "modular", "mod", "induction",
+        "matrix", "matrices", "theorem", "compound interest", "compounded interest", "minimise",
+        "minimize", "maximise", "maximize", "how many ways", "permutation", "permutations",
+        "combination", "combinations", "integer solution", "integer solutions",
+        "geometric series", "divisible", "percentage change", "bayes", "how fast", "catch up",
+        "trailing zeros", "irrational", "area", "perimeter", "volume", "radius",
+        "interest rate", "interest rates", "mortgage", "loan", "depreciate", "depreciates",
+        "depreciated", "depreciation", "amortise", "amortize", "amortisation", "amortization",
+    ),
+    "quantity": (
+        "how many", "how much", "how long", "how far", "what time", "calculate", "compute",
+        "work out", "find",
+    ),
+    "reasoning": (
+        "step by step", "step-by-step", "explain", "explain why", "explain how",
+        "explain your reasoning", "explain carefully", "why does", "why did", "why do",
+        "why is", "why are", "why was", "why were", "why would", "reason", "reasoning",
+        "reason it through", "reason through", "trade-off", "trade-offs", "tradeoff",
+        "tradeoffs", "pros and cons", "compare", "comparing", "comparison", "contrast",
+        "analyse", "analyze", "analysis", "evaluate", "justify", "defend", "diagnose",
+        "root cause", "root causes", "implications", "what would happen", "what would change",
+        "plan", "strategy", "strategies", "strategic", "weigh", "prioritise", "prioritize",
+        "prioritised", "prioritized", "think through", "think it through", "work through",
+        "how would you", "design", "propose", "recommend one", "recommend a strategy",
+        "can we conclude", "can we trust", "every case", "which approach", "which is cleaner",
+        "which initiatives", "should we", "explanation", "explanations", "how do you",
+        "how can you", "how should you", "how do we", "how can we", "how would we",
+        "how should we", "how do i", "how can i", "how would i", "how should i", "discuss",
+        "critique", "argue", "arguing", "argument", "arguments", "convince", "key differences",
+        "walk me through", "walk us through", "walk through", "how you'd", "when you'd choose",
+        "when you'd use", "when to choose", "when to use", "when would you choose",
+        "when would you use", "effects", "consequences", "impact", "investigate", "decide",
+        "causes", "model the scenarios", "lessons", "options",
+    ),
+    "long_answer": (
+        "essay", "detailed", "in-depth", "in depth", "comprehensive", "thorough", "thoroughly",
+        "report", "reports", "long-form", "outline", "guide", "lesson plan", "business plan",
+        "literature review", "memo", "design document", "structured", "swot", "draft", "story",
+        "cover letter", "policy", "proposal", "article", "blog post", "speech", "structure",
+        "talk", "presentation", "slides", "curriculum", "syllabus",
+    ),
+    "system_hint": (
+        "expert", "rigorous", "rigorously", "step by step", "carefully", "detailed", "thorough",
+        "senior", "meticulous", "world-class", "experienced", "reasoning",
+    ),
+    "simple": (
+        "hi", "hello", "hey", "good morning", "good night", "good evening", "thanks", "thank",
+        "thank you", "translate", "how do you say", "how do i say", "how do you write",
+        "how do i write", "synonym", "antonym", "spell", "spelling", "capital of", "who wrote",
+        "who painted", "who is the author", "who was the first", "what is the capital",
+        "what is the currency", "what is the population", "what is the largest",
+        "what is the tallest", "what is the main ingredient", "what are the capital",
+        "define", "fix the grammar", "rephrase", "paraphrase", "rewrite", "convert", "format",
+        "title case", "camelcase", "alphabetical", "sort these", "bullet points",
+        "numbered list", "one sentence", "one word", "one line", "in a sentence", "briefly",
+        "joke", "jokes", "haiku", "rhyme", "name for", "sentiment", "positive or negative",
+        "classify", "extract", "summarise in", "summarize in", "concise", "concisely",
+        "be brief", "keep answers short", "fun fact", "odd one out", "pronounce",
+    ),
+}
+# fmt: on
+_PHRASE_GROUPS: dict[str, tuple[str, ...]] = {}
+"""Phrase -> the groups it is a cue of."""
+_PREFIXES: set[str] = set()
+"""Every phrase and every leading run of its words: where matching goes on."""
+for _group, _phrases in _CUES.items():
+    for _phrase in _phrases:
+        _PHRASE_GROUPS[_phrase] = (*_PHRASE_GROUPS.get(_phrase, ()), _group)
+        _words = _phrase.split(" ")
+        _PREFIXES.update(" ".join(_words[:n]) for n in range(1, len(_words) + 1))
 
-def _words(*phrases: str) -> re.Pattern[str]:
-    """One case-insensitive pattern matching any phrase as whole words."""
-    return re.compile(r"\b(?:" + "|".join(phrases) + r")\b", re.IGNORECASE)
-
-
+_MAX_PHRASE_WORDS = max(len(p.split(" ")) for p in _PHRASE_GROUPS)
+_TOKEN = re.compile(r"[a-z0-9+#]+(?:['/-][a-z0-9+#]+)*")
+_WHAT_DOES_MEAN = re.compile(r"\bwhat does\b[^.?!\n]{1,40}?\b(?:mean|stand for)\b")
+_WORD_COUNT = re.compile(r"\b\d[\d,]*[- ]words?\b")
 _CODE_FENCE = re.compile(r"```|^(?: {4}|\t)\S", re.MULTILINE)
-_CODE_SYNTAX = re.compile(
-    r"(?:\bdef \w+\(|\bfunction\s*\w*\(|=>|\bimport \w|#include|\breturn\b[^.\n]*;|"
-    r"\w+\([^()\n]*\)\s*[{;:]|\bSELECT\b.+\bFROM\b|[{}]\s*$)",
-    re.MULTILINE,
+_CODE_LINE_STARTS = (
+    "def ",
+    "class ",
+    "import ",
+    "from ",
+    "#include",
+    "function ",
+    "return ",
+    "const ",
+    "let ",
+    "var ",
+    "select ",
+    "public ",
+    "fn ",
+    "func ",
+    "for (",
+    "if (",
+    "while (",
 )
-_CODE_TERMS = _words(
-    r"python",
-    r"java(?:script)?",
-    r"typescript",
-    r"rust",
-    r"golang",
-    r"go code",
-    r"c\+\+",
-    r"kotlin",
-    r"swift",
-    r"ruby",
-    r"php",
-    r"sql",
-    r"bash",
-    r"shell script",
-    r"regex",
-    r"regular expression",
-    r"docker(?:file)?",
-    r"kubernetes",
-    r"react",
-    r"django",
-    r"node",
-    r"api",
-    r"rest",
-    r"endpoints?",
-    r"functions?",
-    r"class(?:es)?",
-    r"algorithms?",
-    r"recursi(?:on|ve)",
-    r"(?:time|space) complexity",
-    r"unit tests?",
-    r"pytest",
-    r"stack trace",
-    r"bugs?",
-    r"debug",
-    r"compile[rs]?",
-    r"refactor",
-    r"deadlocks?",
-    r"thread-safe",
-    r"concurren(?:t|cy)",
-    r"async(?:/await)?",
-    r"quer(?:y|ies)",
-    r"linked list",
-    r"binary (?:search )?tree",
-    r"cache",
-    r"memory leak",
-    r"workflow",
-    r"github actions",
-    r"cte",
-    r"data structures?",
-    r"implement",
-    r"source code",
-    r"script",
-)
-_MATH_TERMS = _words(
-    r"solve",
-    r"prove",
-    r"proof",
-    r"derive",
-    r"derivatives?",
-    r"integrals?",
-    r"probability",
-    r"equations?",
-    r"expected (?:value|number)",
-    r"eigen\w*",
-    r"limit",
-    r"factor(?:s|ise|ize)?",
-    r"modul(?:o|ar)",
-    r"mod",
-    r"induction",
-    r"matri(?:x|ces)",
-    r"theorem",
-    r"compound(?:ed)? interest",
-    r"minimi[sz]e",
-    r"maximi[sz]e",
-    r"how many ways",
-    r"permutations?",
-    r"combinations?",
-    r"integer solutions?",
-    r"geometric series",
-    r"divisible",
-    r"percentage change",
-    r"bayes",
-    r"how fast",
-    r"catch up",
-    r"trailing zeros",
-    r"irrational",
-    r"area",
-    r"perimeter",
-    r"volume",
-    r"radius",
-    r"interest rates?",
-    r"mortgage",
-    r"loan",
-    r"depreciat\w*",
-    r"amorti[sz]\w*",
-)
+_CODE_LINE_ENDS = ("{", "}", ";", "):")
 _MATH_SYNTAX = re.compile(
-    r"(?:\d\s*[*/^]\s*\(?[\dx]|[a-z]\^\d|\d[a-z]\b|\b[a-z]\s*=\s*-?\d|\d+!|sqrt|\bln\(|\be\^|"
-    r"\b(?:sin|cos|tan)\b)",
-    re.IGNORECASE,
+    r"\d\s*[*/^]\s*\(?[\dx]|[a-z]\^\d|\d[a-z]\b|\b[a-z] ?= ?-?\d|\d!|sqrt|\bln\(|\be\^|"
+    r"\b(?:sin|cos|tan)\b"
 )
 _NUMBER = re.compile(r"(?<![\w.])\$?\d[\d,]*(?:\.\d+)?%?")
-_QUANTITY_QUESTION = _words(
-    r"how (?:many|much|long|far)",
-    r"what time",
-    r"calculate",
-    r"compute",
-    r"work out",
-    r"find",
-)
-_REASONING = _words(
-    r"step by step",
-    r"step-by-step",
-    r"explain (?:why|how|your reasoning|carefully)",
-    r"why (?:does|did|do|is|are|was|were|would)",
-    r"reason(?:ing)?(?: it)?(?: through)?",
-    r"trade-?offs?",
-    r"pros and cons",
-    r"compar(?:e|ing|ison)",
-    r"contrast",
-    r"analy[sz]e",
-    r"analysis",
-    r"evaluate",
-    r"justify",
-    r"defend",
-    r"diagnose",
-    r"root causes?",
-    r"implications",
-    r"what would (?:happen|change)",
-    r"plan",
-    r"strateg(?:y|ies|ic)",
-    r"weigh",
-    r"prioriti[sz]ed?",
-    r"think (?:it )?through",
-    r"work through",
-    r"how would you",
-    r"design",
-    r"propose",
-    r"recommend (?:one|a strategy)",
-    r"can we (?:conclude|trust)",
-    r"every case",
-    r"which (?:approach|is cleaner|initiatives)",
-    r"should we",
-    r"explanations?",
-    r"how (?:do|can|would|should) (?:you|we|i)",
-    r"discuss",
-    r"explain",
-    r"critique",
-    r"argu(?:e|ing|ment|ments)",
-    r"convince",
-    r"key differences",
-    r"walk (?:me |us )?through",
-    r"how you'?d",
-    r"when (?:you'?d|to|would you) (?:choose|use)",
-    r"(?:second-order )?effects",
-    r"consequences",
-    r"impact",
-    r"investigate",
-    r"decide",
-    r"causes",
-    r"model the scenarios",
-    r"lessons",
-    r"options",
-)
-_LONG_ANSWER = _words(
-    r"essay",
-    r"detailed",
-    r"in[- ]depth",
-    r"comprehensive",
-    r"thorough(?:ly)?",
-    r"reports?",
-    r"long-form",
-    r"[\d,]+-word",
-    r"outline",
-    r"guide",
-    r"lesson plan",
-    r"business plan",
-    r"literature review",
-    r"memo",
-    r"design document",
-    r"structured",
-    r"swot",
-    r"draft",
-    r"story",
-    r"cover letter",
-    r"policy",
-    r"proposal",
-    r"article",
-    r"blog post",
-    r"speech",
-    r"\d+ words",
-    r"structure",
-    r"talk",
-    r"presentation",
-    r"slides",
-    r"curriculum",
-    r"syllabus",
-)
-_SYSTEM_HARD = _words(
-    r"expert",
-    r"rigorous(?:ly)?",
-    r"step by step",
-    r"carefully",
-    r"detailed",
-    r"thorough",
-    r"senior",
-    r"meticulous",
-    r"world-class",
-    r"experienced",
-    r"reasoning",
-)
-_SIMPLE = _words(
-    r"hi",
-    r"hello",
-    r"hey",
-    r"good (?:morning|night|evening)",
-    r"thanks?",
-    r"thank you",
-    r"translate",
-    r"how do (?:you|i) (?:say|write)",
-    r"synonym",
-    r"antonym",
-    r"spell(?:ing)?",
-    r"capital of",
-    r"who (?:wrote|painted|is the author|was the first)",
-    r"what (?:is|are) the (?:capital|currency|population|largest|tallest|main ingredient)",
-    r"define",
-    r"what does [\w' ]+ (?:mean|stand for)",
-    r"fix the grammar",
-    r"rephrase",
-    r"paraphrase",
-    r"rewrite",
-    r"convert",
-    r"format",
-    r"title case",
-    r"camelcase",
-    r"alphabetical",
-    r"sort these",
-    r"bullet points",
-    r"numbered list",
-    r"one sentence",
-    r"one word",
-    r"one line",
-    r"in a sentence",
-    r"briefly",
-    r"jokes?",
-    r"haiku",
-    r"rhyme",
-    r"name for",
-    r"sentiment",
-    r"positive or negative",
-    r"classify",
-    r"extract",
-    r"summari[sz]e in",
-    r"concise(?:ly)?",
-    r"be brief",
-    r"keep answers short",
-    r"fun fact",
-    r"odd one out",
-    r"pronounce",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,30 +245,78 @@ def _capped(*parts: float) -> float:
     return min(1.0, sum(parts))
 
 
-def _hits(pattern: re.Pattern[str], text: str, each: float) -> float:
-    return min(1.0, each * len(pattern.findall(text)))
+def _window(text: str) -> str:
+    """The part of ``text`` cues are read from, lowercased."""
+    if len(text) <= _SCAN_HEAD_CHARS + _SCAN_TAIL_CHARS:
+        return text.lower()
+    return (text[:_SCAN_HEAD_CHARS] + "\n" + text[-_SCAN_TAIL_CHARS:]).lower()
+
+
+def _cue_counts(text: str) -> dict[str, int]:
+    """Cue phrases of each group in ``text`` (lowercase); within a group,
+    overlapping phrases count once, the longest."""
+    tokens = _TOKEN.findall(text)
+    counts: dict[str, int] = {}
+    free_from: dict[str, int] = {}
+    size = len(tokens)
+    for i, token in enumerate(tokens):
+        if token not in _PREFIXES:
+            continue
+        phrase = token
+        matches: list[tuple[int, tuple[str, ...]]] = []
+        for n in range(1, min(_MAX_PHRASE_WORDS, size - i) + 1):
+            if n > 1:
+                phrase = f"{phrase} {tokens[i + n - 1]}"
+                if phrase not in _PREFIXES:
+                    break
+            groups = _PHRASE_GROUPS.get(phrase)
+            if groups is not None:
+                matches.append((n, groups))
+        for n, groups in reversed(matches):  # the longest first
+            for group in groups:
+                if free_from.get(group, 0) <= i:
+                    counts[group] = counts.get(group, 0) + 1
+                    free_from[group] = i + n
+    return counts
+
+
+def _code_lines(text: str) -> int:
+    """Lines of ``text`` (lowercase) that look like code."""
+    count = 0
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and (
+            stripped.startswith(_CODE_LINE_STARTS)
+            or stripped.endswith(_CODE_LINE_ENDS)
+            or "=>" in stripped
+            or "();" in stripped
+        ):
+            count += 1
+    return count
 
 
 def extract_features(body: Mapping[str, Any], kind: str, config: ClassifierConfig) -> Features:
     """The features of one request body (``kind`` is ``chat`` or ``text``)."""
     texts = _texts(body, kind)
-    task = texts.task[:_SCAN_CHARS]
-    everything = texts.everything[:_SCAN_CHARS]
-    system = texts.system[:_SCAN_CHARS]
+    task = _window(texts.task)
+    everything = task if texts.everything == texts.task else _window(texts.everything)
+    cues = _cue_counts(task)
+    system_cues = _cue_counts(_window(texts.system)) if texts.system else {}
     prompt_tokens = len(texts.everything) // _CHARS_PER_TOKEN + 1
 
     code = _capped(
         1.0 if _CODE_FENCE.search(everything) else 0.0,
-        _hits(_CODE_SYNTAX, everything, 0.4),
-        _hits(_CODE_TERMS, task, 0.5),
+        0.4 * _code_lines(everything),
+        0.5 * cues.get("code", 0),
     )
     numbers = len(_NUMBER.findall(task))
     maths = _capped(
-        _hits(_MATH_TERMS, task, 0.5),
+        0.5 * cues.get("math", 0),
         0.5 if _MATH_SYNTAX.search(task) else 0.0,
-        0.5 if numbers >= 2 and _QUANTITY_QUESTION.search(task) else 0.0,
+        0.5 if numbers >= 2 and cues.get("quantity") else 0.0,
         0.5 if numbers >= 3 and "?" in task else 0.0,
     )
+    simple = cues.get("simple", 0) + (1 if _WHAT_DOES_MEAN.search(task) else 0)
     tools = body.get("tools") or body.get("functions")
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
     turns = max(0, texts.user_turns - 1) / max(1, config.many_turns - 1)
@@ -426,14 +325,16 @@ def extract_features(body: Mapping[str, Any], kind: str, config: ClassifierConfi
         "turns": min(1.0, turns),
         "code": code,
         "math": maths,
-        "reasoning": _hits(_REASONING, task, 0.5),
-        "long_answer": _hits(_LONG_ANSWER, task, 0.5),
+        "reasoning": _capped(0.5 * cues.get("reasoning", 0)),
+        "long_answer": _capped(
+            0.5 * cues.get("long_answer", 0), 0.5 * len(_WORD_COUNT.findall(task))
+        ),
         "tools": 1.0 if tools else 0.0,
-        "max_tokens": min(1.0, int(max_tokens) / config.long_output_tokens)
+        "max_tokens": min(1.0, max_tokens / config.long_output_tokens)
         if isinstance(max_tokens, int)
         else 0.0,
-        "system_hint": _hits(_SYSTEM_HARD, system, 0.5),
-        "simple_task": _capped(_hits(_SIMPLE, task, 0.5), _hits(_SIMPLE, system, 0.25)),
+        "system_hint": _capped(0.5 * system_cues.get("system_hint", 0)),
+        "simple_task": _capped(0.5 * simple, 0.25 * system_cues.get("simple", 0)),
     }
     return Features(values, prompt_tokens)
 

@@ -21,6 +21,7 @@ retry (connect errors, 5xx before the first byte).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -76,19 +77,36 @@ def round_robin(replicas: Sequence[R], turn: int) -> list[R]:
 def least_load(views: Sequence[ReplicaView], turn: int = 0) -> list[Replica]:
     """Least relative load first; full replicas last; ties in turn."""
     n = len(views)
-    ranked = sorted(range(n), key=lambda i: (views[i].full, views[i].relative_load, (i - turn) % n))
-    return [views[i].replica for i in ranked]
+    keys = [(v.full, v.relative_load, (i - turn) % n, i) for i, v in enumerate(views)]
+    keys.sort()
+    return [views[k[3]].replica for k in keys]
+
+
+_MASK = 2**64 - 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit value from any 64-bit value."""
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK
+    return value ^ (value >> 31)
 
 
 def rendezvous_order(key: str, urls: Sequence[str], weights: Sequence[float]) -> list[int]:
     """Indexes of ``urls`` by weighted rendezvous score for ``key``, highest
     first: every gateway process agrees, and removing a replica moves only
     the keys that preferred it."""
+    key_hash = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
     scores = []
     for i, (url, weight) in enumerate(zip(urls, weights, strict=True)):
-        digest = hashlib.blake2b(f"{key}\x00{url}".encode(), digest_size=8).digest()
-        # A uniform draw in (0, 1); -w / ln(u) is the weighted rendezvous score.
-        u = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)
+        # A uniform draw in (0, 1) per (key, replica); -w / ln(u) is the
+        # weighted rendezvous score.
+        u = (_mix(key_hash ^ _hash64(url)) + 1) / (2**64 + 1)
         scores.append((-weight / math.log(u), i))
     scores.sort(reverse=True)
     return [i for _, i in scores]

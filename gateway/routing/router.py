@@ -45,7 +45,7 @@ class Router:
         def check(route: ModelRoute, version: ModelVersion) -> Unavailable | None:
             pool = route.pool
             now = time.monotonic()
-            if not self.book.views(pool, version, now):
+            if not self.book.can_serve(pool, version, now):
                 return Unavailable("no_healthy_replica", self.book.retry_after_s(pool, now))
             queue = self.queues.for_pool(pool)
             if (

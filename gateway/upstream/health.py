@@ -221,14 +221,10 @@ class ReplicaState:
         if ticket.started_at >= self.load_started_at:
             self.tokens_since_load -= ticket.cost
 
-    def view(self, weight: float, max_in_flight: int, now: float) -> ReplicaView:
-        """This replica as a picker sees it."""
+    def view(self, replica: Replica, now: float) -> ReplicaView:
+        """This replica (as the policy lists it) as a picker sees it."""
         stale = max(3 * self.config.load_interval_s, 2.0)
-        return ReplicaView(
-            Replica(self.url, weight, max_in_flight),
-            self.load_tokens(now, stale),
-            self.in_flight,
-        )
+        return ReplicaView(replica, self.load_tokens(now, stale), self.in_flight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +315,18 @@ class ReplicaBook:
                 continue
             state = self.state(replica.url, pool)
             if state.routable(now):
-                views.append(state.view(replica.weight, replica.max_in_flight, now))
+                views.append(state.view(replica, now))
         return views
+
+    def can_serve(self, pool: Pool, version: ModelVersion | None, now: float) -> bool:
+        """Whether any replica of ``pool`` may take a request for ``version`` now."""
+        serving = version.replicas if version is not None else None
+        for replica in pool.replicas:
+            if replica.weight <= 0 or (serving is not None and replica.url not in serving):
+                continue
+            if self.state(replica.url, pool).routable(now):
+                return True
+        return False
 
     def retry_after_s(self, pool: Pool, now: float | None = None) -> float:
         """Seconds until the first of ``pool``'s ejected replicas may return (at least 1)."""

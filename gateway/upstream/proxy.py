@@ -71,6 +71,15 @@ class UpstreamResponse:
     num_attempts: int = 1
     """Replicas tried for this request, this one included."""
 
+    def __del__(self) -> None:
+        # Safety net, as for queue slots: a stream whose generator never ran
+        # (the client left before the first byte) never reaches chunks()'s
+        # `finally`, and a booking left open would count as load forever.
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            ticket.end()
+
     def _finish(self, failure: str | None) -> None:
         """End the booking once; ``failure`` counts against the replica's health."""
         ticket, self.ticket = self.ticket, None

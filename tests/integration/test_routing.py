@@ -32,7 +32,9 @@ FAST_HEALTH = {
     "ejection_base_s": 0.5,
     "ejection_max_s": 2,
 }
-CODE_PROMPT = "Here is my code:\n```python\ndef f(xs):\n    return sum(xs) / len(xs)\n```\nFix the bug."
+CODE_PROMPT = (
+    "Here is my code:\n```python\ndef f(xs):\n    return sum(xs) / len(xs)\n```\nFix the bug."
+)
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +325,26 @@ def test_the_request_log_line_explains_the_route(
     assert record["route_score"] >= 0.45 and "code" in record["route_reasons"]
     assert record["attempts"] == 1 and record["model_version"] == "default"
     assert "def f" not in gw.logs()
+
+
+def test_deep_probes_generate_a_token_on_every_replica(
+    fresh: list[FakeUpstreamProcess],
+    policy_dirs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    mint: Callable[..., str],
+) -> None:
+    write_policy(
+        policy_dirs,
+        {"local": [f.url for f in fresh]},
+        health={"deep_probe_interval_s": 0.2, "probe_interval_s": 5},
+    )
+    gw = start_gateway(policy_dirs, monkeypatch)
+    admin = mint("rt", roles=["admin"])
+    try:
+        # No traffic: the only completions the replicas see are deep probes.
+        wait_for(lambda: all(completed(f) >= 2 for f in fresh))
+        wait_for(
+            lambda: all(r["last_probe_detail"] == "deep ok" for r in backends(gw, admin).values())
+        )
+    finally:
+        gw.stop()

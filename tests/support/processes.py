@@ -55,11 +55,14 @@ def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
 class RedisServer:
     """A private redis-server on a random port that tests may stop and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, appendonly: bool = False) -> None:
+        """`appendonly`: persist every write to an append-only file (fsync
+        every second), so a restart keeps the data; off by default."""
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tollgate-redis-")
+        self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,7 +82,7 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
                 "--dir",
                 self.dir,
             ],

@@ -152,8 +152,10 @@ def test_seeded_samples_stream_like_they_complete_multibyte_included(
         text, chunks = stream_text(backend.url, "/v1/completions", {**body, "stream": True})
         for chunk in chunks:
             validate(chunk, "CreateCompletionStreamResponse")
+        # Equal to the one-piece decode: no character was split between
+        # chunks. (A hot sample may itself be invalid UTF-8; both sides then
+        # show the same replacement character.)
         assert text == whole["choices"][0]["text"]
-        assert "\ufffd" not in text
         saw_multibyte |= any(ord(c) > 127 for c in text)
     assert saw_multibyte, "no sample produced a multi-byte character"
 

@@ -131,9 +131,7 @@ def test_gateway_refuses_several_workers_with_the_memory_store(tmp_path: Path) -
 def test_route_eval_reports_the_classifier_on_the_shipped_set() -> None:
     done = tollgate("route", "eval")
     assert done.returncode == 0, done.stderr
-    figures = dict(
-        line.rsplit(None, 1) for line in done.stdout.splitlines() if line.endswith("%")
-    )
+    figures = dict(line.rsplit(None, 1) for line in done.stdout.splitlines() if line.endswith("%"))
     assert float(figures["accuracy"].rstrip("%")) >= 85
     assert float(figures["recall (large)"].rstrip("%")) >= 95
     assert "sent to small" in figures and "precision (large)" in figures

@@ -31,6 +31,7 @@ from gateway.quota.limits import Reservation, Scope, scopes_for
 from gateway.quota.memory import MemoryQuotaStore
 from gateway.quota.store import Admission, Lease, ScopeUsage, StoreUnavailableError
 from gateway.settings import GatewaySettings
+from gateway.usage.record import UsageEntry
 from tests.unit.gateway.quota.conftest import FakeClock, limits, make_tenant
 
 ROUTE = ModelRoute("m", "m", "small", 1000, Pool("p", "tollgate", (), UpstreamTimeouts(1, 1, 1, 5)))
@@ -63,17 +64,24 @@ class RecordingStore(MemoryQuotaStore):
             raise StoreUnavailableError("down", retry_after_s=2.5)
         return await super().admit(reservation)
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
+    async def settle(
+        self, lease: Lease, actual_tokens: int, usage: UsageEntry | None = None
+    ) -> bool:
         if self.failing:
             raise StoreUnavailableError("down")
         self.finishes.append(("settle", actual_tokens))
-        return await super().settle(lease, actual_tokens)
+        return await super().settle(lease, actual_tokens, usage)
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, usage: UsageEntry | None = None) -> bool:
         if self.failing:
             raise StoreUnavailableError("down")
         self.finishes.append(("release", None))
-        return await super().release(lease)
+        return await super().release(lease, usage)
+
+    async def append(self, tenant_id: str, usage: UsageEntry) -> None:
+        if self.failing:
+            raise StoreUnavailableError("down")
+        await super().append(tenant_id, usage)
 
     async def renew(self, leases: Sequence[Lease]) -> int:
         self.finishes.append(("renew", len(leases)))

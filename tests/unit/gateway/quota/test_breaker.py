@@ -39,13 +39,19 @@ class FlakyStore:
         await self._go()
         return Admission(Lease(reservation.tenant_id, reservation.lease_id, reservation.tokens))
 
-    async def settle(self, lease: Lease, actual_tokens: int) -> bool:
+    async def settle(self, lease: Lease, actual_tokens: int, usage: object = None) -> bool:
         await self._go()
         return True
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, usage: object = None) -> bool:
         await self._go()
         return True
+
+    async def append(self, tenant_id: str, usage: object) -> None:
+        await self._go()
+
+    async def sweep(self) -> int:
+        return 0
 
     async def renew(self, leases: Sequence[Lease]) -> int:
         await self._go()

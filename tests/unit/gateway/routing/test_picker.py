@@ -165,7 +165,12 @@ def _chat(system: str, user: str) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     ("affinity", "session", "same_key_for_shared_prefix"),
-    [("prefix", None, True), ("prefix", "abc", True), ("session", None, None), ("none", "abc", None)],
+    [
+        ("prefix", None, True),
+        ("prefix", "abc", True),
+        ("session", None, None),
+        ("none", "abc", None),
+    ],
 )
 def test_affinity_keys(affinity: str, session: str | None, same_key_for_shared_prefix: bool | None):
     config = BalancerConfig(affinity=affinity, prefix_chars=64)  # type: ignore[arg-type]
