@@ -43,7 +43,7 @@ class GatewaySettings(BaseModel):
     store: Literal["memory", "redis"] = "memory"
     """Where quotas are counted: this process (`memory`) or Redis (shared)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_s: float = Field(default=0.1, gt=0, le=30)
+    redis_timeout_s: float = Field(default=1.0, gt=0, le=30)
     """Socket connect and read timeout for the quota store; a call is abandoned
     after twice this, and counts towards opening the circuit breaker."""
     quota_lease_ttl_s: float = Field(default=60.0, gt=0)

@@ -232,7 +232,9 @@ async def _proxy(
         except (msgspec.DecodeError, AttributeError):
             usage = StreamUsage()
         grant.record.observe(usage)
-        await grant.settle(_used_tokens(usage))
+        # Settled in the background: the response does not wait for the
+        # store's round trip (the grant finishes it even if this task ends).
+        grant.settle_soon(_used_tokens(usage))
         _log(
             ctx,
             route,

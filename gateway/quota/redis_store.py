@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -369,19 +369,27 @@ def _period_keys(scope: Scope, unit: str, periods: tuple[Period, Period, Period]
     return [f"{scope.key}:{unit}:{p.label}" for p in periods]
 
 
+MAX_CONNECTIONS = 256
+"""Redis connections per gateway process. A burst waits for a free one
+(within the timeout) instead of failing: a pool that refuses connections
+would trip the breaker and turn a burst into 503s."""
+
+
 def connect(url: str, *, timeout_s: float) -> Redis:
     """A client with short socket timeouts and no retries: the breaker, not
     the client, decides what to do when Redis is slow or gone (and a retried
     admit must never be charged twice)."""
-    client: Redis = Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
     )
-    return client
+    return Redis(connection_pool=pool)
 
 
 class RedisQuotaStore:
