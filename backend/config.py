@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Quant = Literal["none", "int4", "fp8"]
+Quant = Literal["none", "int4", "fp8", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -47,8 +47,18 @@ class ModelConfig:
     """"auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512_BF16/AMX), else float32."""
     device: str = "cpu"
     quant: Quant = "none"
+    """Quantized linears: int4/fp8 weight-only on any device; int8 (fbgemm) on CPU only."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        """Refuse a quantization the device cannot run, before anything is loaded."""
+        device_type = self.device.partition(":")[0]
+        if self.quant == "int8" and device_type != "cpu":
+            raise ValueError(
+                f"--quant int8 runs on CPU only (fbgemm's int8 GEMM), not on {device_type}; "
+                "use --quant fp8 or int4 on a GPU"
+            )
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quant",
         default="none",
-        choices=["none", "int4", "fp8"],
-        help="weight-only quantization of the linear layers",
+        choices=["none", "int4", "fp8", "int8"],
+        help="quantized linear layers: int4 or fp8 weights (any device), or int8 weights "
+        "and activations through fbgemm's int8 GEMM (CPU only)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-num-seqs", type=int, default=32, help="most requests running at once")
@@ -106,8 +107,12 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments and serve until interrupted."""
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     import uvicorn
 
     from backend.api.server import BackendState, create_app

@@ -27,7 +27,9 @@ from torch import Tensor
 
 from backend.config import Quant
 from backend.executor.quant import (
+    int8_unavailable_reason,
     prepare_cpu_int4_kernels,
+    prepare_cpu_int8_kernels,
     quantizable_linears,
     quantize_state_dict,
     swap_linears,
@@ -171,23 +173,32 @@ def load_model(
     quant: Quant = "none",
     max_positions: int | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model on the meta device and load the folder's weights into it."""
+    """Build the model on the meta device and load the folder's weights into it.
+
+    Raises ValueError for a quantization the device cannot run (int8 off the CPU)
+    before any weights are read.
+    """
+    if quant == "int8" and (reason := int8_unavailable_reason(torch.device(device))):
+        raise ValueError(reason)
     config = LlamaConfig.from_file(model_dir / "config.json")
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     state = convert_hf_state_dict(read_safetensors(model_dir, device), config)
+    names: list[str] = []
     if quant == "none":
         state = {k: v.to(dtype) for k, v in state.items()}
     else:
-        names = quantizable_linears(model)
+        names = quantizable_linears(model, quant)
         state = quantize_state_dict(state, names, quant, dtype)
         with torch.device("meta"):
             swap_linears(model, names, quant, dtype)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "output" not in names:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if quant == "int4":
         prepare_cpu_int4_kernels(model)
+    elif quant == "int8":
+        prepare_cpu_int8_kernels(model)
     model.setup_rope(device, max_positions)
     model.requires_grad_(False)
     return model.eval()

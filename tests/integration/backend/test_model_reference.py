@@ -274,6 +274,13 @@ def _quality(logits: Any, ids: list[int]) -> tuple[Any, float]:
         ("none", "bfloat16", 0.85, 1.10),
         ("int4", "bfloat16", 0.85, 1.10),
         ("fp8", "bfloat16", 0.85, 1.10),
+        # int8 (fbgemm, weights and activations, `output` included) measured 0.912 and
+        # 0.992 in float32, 0.912 and 1.027 in bfloat16 (0.894 and 1.031 on an
+        # 821-token text): fp8's level. The same bounds leave about six tokens and 7%
+        # of perplexity of margin and fail the bare fbgemm op (0.57 and 2.6); the unit
+        # tests pin the outlier channels and per-row ranges that fix it.
+        ("int8", "float32", 0.85, 1.10),
+        ("int8", "bfloat16", 0.85, 1.10),
     ],
 )
 def test_quantized_close_to_full_precision(runner, quant, dtype, min_top1, max_ppl_ratio) -> None:
