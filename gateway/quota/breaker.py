@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.quota.limits import Reservation, Scope
@@ -129,6 +130,13 @@ class GuardedStore:
         except _FAILURES as exc:
             self.breaker.failed()
             log.warning("quota_store_error", op=what, error=type(exc).__name__)
+            if isinstance(exc, RedisConnectionError):
+                # After a restart every idle pooled connection is dead; drop
+                # them together, or each would fail one probe in turn and
+                # keep the breaker open long after Redis is back.
+                reset = getattr(self.inner, "reset_connections", None)
+                if reset is not None:
+                    await reset()
             raise StoreUnavailableError(
                 f"the quota store failed: {type(exc).__name__}",
                 retry_after_s=max(self.breaker.retry_after_s(), 0.1),
