@@ -32,6 +32,22 @@ _BACKEND_MISSING = (
 )
 
 
+def _add_policy_dirs(p: argparse.ArgumentParser) -> None:
+    """`--tenants-dir` and `--policies-dir`, defaulting to their env variables."""
+    p.add_argument(
+        "--tenants-dir",
+        type=Path,
+        default=Path(os.environ.get("TOLLGATE_TENANTS_DIR", "tenants")),
+        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
+    )
+    p.add_argument(
+        "--policies-dir",
+        type=Path,
+        default=Path(os.environ.get("TOLLGATE_POLICIES_DIR", "policies")),
+        help="folder of policy YAML files (env TOLLGATE_POLICIES_DIR)",
+    )
+
+
 def _add_gateway_flags(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument(
         "--host",
@@ -44,16 +60,7 @@ def _add_gateway_flags(p: argparse.ArgumentParser, *, default_port: int) -> None
         default=int(os.environ.get("TOLLGATE_PORT", default_port)),
         help="port to bind (env TOLLGATE_PORT)",
     )
-    p.add_argument(
-        "--tenants-dir",
-        default=os.environ.get("TOLLGATE_TENANTS_DIR", "tenants"),
-        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
-    )
-    p.add_argument(
-        "--policies-dir",
-        default=os.environ.get("TOLLGATE_POLICIES_DIR", "policies"),
-        help="folder of policy YAML files (env TOLLGATE_POLICIES_DIR)",
-    )
+    _add_policy_dirs(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,18 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data", type=Path, default=None, help="labelled set (default: the shipped one)"
     )
-    evaluate.add_argument(
-        "--policies-dir",
-        type=Path,
-        default=Path(os.environ.get("TOLLGATE_POLICIES_DIR", "policies")),
-        help="folder of policy YAML files (env TOLLGATE_POLICIES_DIR)",
-    )
-    evaluate.add_argument(
-        "--tenants-dir",
-        type=Path,
-        default=Path(os.environ.get("TOLLGATE_TENANTS_DIR", "tenants")),
-        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
-    )
+    _add_policy_dirs(evaluate)
     evaluate.add_argument(
         "--show-errors", action="store_true", help="list every misclassified request"
     )
@@ -219,16 +215,7 @@ def _add_ledger_flags(p: argparse.ArgumentParser) -> None:
         help="the ledger's folder (env TOLLGATE_LEDGER_DIR; default "
         "$XDG_DATA_HOME/tollgate/ledger)",
     )
-    p.add_argument(
-        "--policies-dir",
-        default=os.environ.get("TOLLGATE_POLICIES_DIR", "policies"),
-        help="folder of policy YAML files, for prices (env TOLLGATE_POLICIES_DIR)",
-    )
-    p.add_argument(
-        "--tenants-dir",
-        default=os.environ.get("TOLLGATE_TENANTS_DIR", "tenants"),
-        help="folder of tenant YAML files (env TOLLGATE_TENANTS_DIR)",
-    )
+    _add_policy_dirs(p)
 
 
 def _auth_env_for_dev(env: dict[str, str]) -> dict[str, str]:
@@ -288,8 +275,8 @@ def _gateway(args: argparse.Namespace) -> int:
         {
             "TOLLGATE_HOST": args.host,
             "TOLLGATE_PORT": str(args.port),
-            "TOLLGATE_TENANTS_DIR": args.tenants_dir,
-            "TOLLGATE_POLICIES_DIR": args.policies_dir,
+            "TOLLGATE_TENANTS_DIR": str(args.tenants_dir),
+            "TOLLGATE_POLICIES_DIR": str(args.policies_dir),
             "TOLLGATE_WORKERS": str(args.workers),
         }
     )
@@ -391,9 +378,9 @@ def _up(args: argparse.Namespace) -> int:
                 "--port",
                 str(args.port),
                 "--tenants-dir",
-                args.tenants_dir,
+                str(args.tenants_dir),
                 "--policies-dir",
-                args.policies_dir,
+                str(args.policies_dir),
             ],
             _auth_env_for_dev(env),
             f"{base_url}/healthz",
