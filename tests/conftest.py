@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -106,22 +106,39 @@ def mint() -> Callable[..., str]:
     return _mint
 
 
+StartGateway = Callable[[Mapping[str, str]], InProcessGateway]
+
+
 @pytest.fixture
-def gateway(
-    backend: BackendProcess, policy_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[InProcessGateway]:
-    """The gateway in-process, in front of the shared backend."""
+def start_gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[StartGateway]:
+    """Start in-process gateways with the settings in `env` (also set in the
+    process environment, which the policy files' ${VARS} read); all are
+    stopped after the test."""
     from gateway.settings import GatewaySettings
 
-    env = gateway_env(backend.url, *policy_dirs)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    gw = InProcessGateway(GatewaySettings.from_env(env))
-    gw.start()
+    started: list[InProcessGateway] = []
+
+    def start(env: Mapping[str, str]) -> InProcessGateway:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        gw = InProcessGateway(GatewaySettings.from_env(dict(env)))
+        gw.start()
+        started.append(gw)
+        return gw
+
     try:
-        yield gw
+        yield start
     finally:
-        gw.stop()
+        for gw in started:
+            gw.stop()
+
+
+@pytest.fixture
+def gateway(
+    backend: BackendProcess, policy_dirs: tuple[Path, Path], start_gateway: StartGateway
+) -> InProcessGateway:
+    """The gateway in-process, in front of the shared backend."""
+    return start_gateway(gateway_env(backend.url, *policy_dirs))
 
 
 @pytest.fixture

@@ -29,10 +29,9 @@ import redis
 
 from gateway.policy.loader import load_policy
 from gateway.quota.redis_store import usage_stream
-from gateway.settings import GatewaySettings
 from gateway.usage.export import ExportQuery, parse_query, run_export
 from gateway.usage.ledger import Ledger
-from tests.conftest import gateway_env
+from tests.conftest import StartGateway, gateway_env
 from tests.integration.test_quota_http import point_at, write_tenant
 from tests.support.processes import REPO, FakeUpstreamProcess, GatewayProcess, InProcessGateway
 from tests.support.processes import RedisServer as RedisServerProcess
@@ -279,8 +278,8 @@ def test_redis_restarted_with_append_only_persistence_loses_nothing(
 def usage_gateway(
     fake_upstream: FakeUpstreamProcess,
     policy_dirs: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[InProcessGateway]:
+    start_gateway: StartGateway,
+) -> InProcessGateway:
     """An in-process gateway whose ledger holds two tenants' usage."""
     from tests.unit.gateway.usage.conftest import entry, line
 
@@ -295,14 +294,7 @@ def usage_gateway(
             line(entry("globex", model="smollm2-small", prompt=7, started_ms=day_ms)),
         ]
     )
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    gateway = InProcessGateway(GatewaySettings.from_env(env))
-    gateway.start()
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
+    return start_gateway(env)
 
 
 def test_usage_endpoint_authorization(

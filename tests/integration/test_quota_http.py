@@ -4,7 +4,7 @@ sees them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from gateway.quota.tokens import count_chat
-from gateway.settings import GatewaySettings
-from tests.conftest import gateway_env
+from tests.conftest import StartGateway, gateway_env
 from tests.support.openai_schema import validate
 from tests.support.processes import FakeUpstreamProcess, InProcessGateway
 
@@ -48,8 +47,8 @@ def point_at(policies: Path, url: str) -> None:
 def gw(
     fake_upstream: FakeUpstreamProcess,
     policy_dirs: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[InProcessGateway]:
+    start_gateway: StartGateway,
+) -> InProcessGateway:
     tenants, policies = policy_dirs
     point_at(policies, fake_upstream.url)
     write_tenant(
@@ -57,15 +56,7 @@ def gw(
         "quota-http",
         {"tokens_per_minute": TPM, "requests_per_minute": 50, "max_output_tokens": 100},
     )
-    env = gateway_env(fake_upstream.url, tenants, policies)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    gateway = InProcessGateway(GatewaySettings.from_env(env))
-    gateway.start()
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
+    return start_gateway(gateway_env(fake_upstream.url, tenants, policies))
 
 
 def post(gw: InProcessGateway, token: str, **body: Any) -> httpx.Response:
