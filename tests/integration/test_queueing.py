@@ -408,7 +408,10 @@ def test_streams_give_their_slot_back_when_they_end_or_break(
             "x_fake": {"completion_tokens": 50, "chunk_interval_ms": 50},
         }
         with httpx.stream("POST", url, json=slow, headers=headers, timeout=10) as response:
-            next(response.iter_raw())
+            # Keep the iterator: a discarded one is closed at once, and closing
+            # it closes the response (the client would leave right here).
+            chunks = response.iter_raw()
+            next(chunks)
             assert queue_stats(gw).in_flight == 1
         wait_until(lambda: queue_stats(gw).in_flight == 0)
         done = httpx.post(url, json=body(0), headers=headers, timeout=10)
