@@ -2,12 +2,13 @@
 
 Nothing is built at import. The lifespan owns the long-lived parts (the
 pooled upstream session, the control-plane httpx client, the policy watcher,
-the authenticator) and one exception handler turns every domain error into
-OpenAI's error format.
+the authenticator, the metrics registry, the tracer) and one exception
+handler turns every domain error into OpenAI's error format.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +26,8 @@ from gateway.api.usage import usage_export
 from gateway.auth.keys import KeyResolver
 from gateway.auth.verifier import Authenticator
 from gateway.errors import GatewayError
+from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.tracing import Tracing, build_tracing
 from gateway.policy.watcher import PolicyWatcher
 from gateway.queueing.registry import PoolQueues
 from gateway.quota.admission import build_quota
@@ -77,12 +80,15 @@ def _handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respo
     return _error_response(request, 500, body, {})
 
 
-def create_app(settings: GatewaySettings) -> Litestar:
-    """Build the gateway app; its parts start in the lifespan."""
+def create_app(settings: GatewaySettings, *, tracing: Tracing | None = None) -> Litestar:
+    """Build the gateway app; its parts start in the lifespan. ``tracing``
+    replaces the one ``settings.otel_endpoint`` configures (tests)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
+        metrics = GatewayMetrics()
+        tracer = tracing if tracing is not None else build_tracing(settings.otel_endpoint)
         async with (
             httpx.AsyncClient(limits=limits, http2=False) as http,
             new_session() as upstream_session,
@@ -92,6 +98,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             )
             await watcher.start()
             quota = build_quota(settings)
+            quota.on_denial.append(metrics.quota_denied)
             quota.start()
             # Usage ledger: the drainer moves records from the quota
             # store into Parquet; with the memory store it must run here.
@@ -115,12 +122,16 @@ def create_app(settings: GatewaySettings) -> Litestar:
                     http=http,
                     authenticator=authenticator,
                     policies=watcher,
-                    upstream=UpstreamClient(upstream_session, replicas),
+                    upstream=UpstreamClient(
+                        upstream_session, replicas, on_error=metrics.upstream_error
+                    ),
                     turns=turns,
                     queues=queues,
                     quota=quota,
                     replicas=replicas,
                     router=Router(replicas, queues, turns),
+                    metrics=metrics,
+                    tracing=tracer,
                 )
                 monitor.start()
                 log.info("gateway_ready", policy_version=watcher.current.version)
@@ -133,6 +144,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
                 if drainer is not None:
                     await drainer.stop()  # after the last settlements: flushes them
                 await watcher.stop()
+                # Flushes the spans still batched (blocking: off the loop).
+                await asyncio.to_thread(tracer.shutdown)
 
     return Litestar(
         route_handlers=[

@@ -302,6 +302,12 @@ def _gateway(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level)
     if settings.workers > 1:
+        print(
+            f"tollgate gateway: {settings.workers} workers share one port, and each keeps its "
+            "own metrics: GET /metrics shows whichever worker answers. To scrape every "
+            "process, run one worker per process or pod instead (docs/metrics.md).",
+            file=sys.stderr,
+        )
         # Worker processes build their own app from the environment.
         os.environ.update(env)
         os.environ["TOLLGATE_LOG_LEVEL"] = args.log_level

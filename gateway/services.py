@@ -9,6 +9,8 @@ import httpx
 from litestar import Request
 
 from gateway.auth.verifier import Authenticator
+from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.tracing import Tracing
 from gateway.policy.watcher import PolicyWatcher
 from gateway.queueing.registry import PoolQueues
 from gateway.quota.admission import Quota
@@ -34,6 +36,10 @@ class Services:
     replicas: ReplicaBook
     """Health, load and in-flight bookkeeping of every backend replica."""
     router: Router
+    metrics: GatewayMetrics
+    """This process's Prometheus metrics (its own registry)."""
+    tracing: Tracing
+    """Request spans, or the do-nothing tracing when none is configured."""
 
 
 def services_of(request: Request[Any, Any, Any]) -> Services:

@@ -26,8 +26,10 @@ class GatewaySettings(BaseModel):
     `TOLLGATE_QUOTA_BREAKER_FAILURES`, `TOLLGATE_QUOTA_BREAKER_RESET_S`, the
     usage ledger's `TOLLGATE_LEDGER_DIR`, `TOLLGATE_LEDGER_DRAIN_INTERVAL_S`,
     `TOLLGATE_LEDGER_RETENTION_DAYS`, `TOLLGATE_LEDGER_DRAINER`,
-    `TOLLGATE_LEDGER_CHARGE_UNKNOWN`, `TOLLGATE_LEDGER_LOCK_TTL_S` (docs/ledger.md), plus the
-    `TOLLGATE_JWT_*` family read by `AuthSettings.from_env`.
+    `TOLLGATE_LEDGER_CHARGE_UNKNOWN`, `TOLLGATE_LEDGER_LOCK_TTL_S` (docs/ledger.md), tracing's
+    `TOLLGATE_OTEL_ENDPOINT` (or the standard `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+    `OTEL_EXPORTER_OTLP_ENDPOINT`; docs/metrics.md), plus the `TOLLGATE_JWT_*` family read
+    by `AuthSettings.from_env`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,6 +68,8 @@ class GatewaySettings(BaseModel):
     """How long the active drainer's lock outlives it (Redis); longer than a
     batch takes to write."""
     # --- end usage ledger ---
+    otel_endpoint: str | None = None
+    """OTLP/HTTP traces URL; None: tracing off (docs/metrics.md)."""
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @model_validator(mode="after")
@@ -105,8 +109,27 @@ class GatewaySettings(BaseModel):
             "TOLLGATE_LEDGER_LOCK_TTL_S": "ledger_lock_ttl_s",
         }
         values: dict[str, object] = {f: env[k] for k, f in names.items() if env.get(k)}
+        values["otel_endpoint"] = otel_endpoint_from(env)
         values["auth"] = AuthSettings.from_env(env)
         return cls.model_validate(values)
+
+
+def otel_endpoint_from(env: Mapping[str, str]) -> str | None:
+    """The OTLP/HTTP traces URL: `TOLLGATE_OTEL_ENDPOINT`, else the standard
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT`
+    with the traces path appended (as the OpenTelemetry spec does); None when
+    none is set, or when `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return None
+    explicit = env.get("TOLLGATE_OTEL_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if explicit:
+        return explicit
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if base:
+        return base.rstrip("/") + "/v1/traces"
+    return None
 
 
 def default_ledger_dir() -> Path:

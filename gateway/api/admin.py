@@ -11,6 +11,7 @@ from litestar import Request, Response, get
 from gateway.api.context import request_id_for
 from gateway.auth.guards import require_role
 from gateway.auth.principal import Role
+from gateway.observe.readiness import check_policy, check_pools, check_store
 from gateway.services import services_of
 
 _encode = msgspec.json.Encoder().encode
@@ -86,14 +87,31 @@ async def admin_backends(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/healthz")
 async def healthz() -> Response[bytes]:
-    """Liveness: the process serves HTTP."""
+    """Liveness: the process serves HTTP (nothing else is checked, so a
+    backend or Redis outage never gets the gateway restarted)."""
     return Response(b'{"status":"ok"}', media_type="application/json")
 
 
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Readiness: a policy is loaded."""
-    policy = services_of(request).policies.current
+    """Readiness: a policy is loaded, the quota store answers, and every
+    pool marked ``required`` has a healthy replica (``gateway.observe.readiness``).
+    503 names each failed check."""
+    services = services_of(request)
+    policy_check, policy = check_policy(services.policies)
+    checks = [policy_check, await check_store(services.quota.store)]
+    if policy is not None:
+        checks += check_pools(services.replicas, policy.pools.values())
+    failed = [c.name for c in checks if not c.ok]
+    body = {
+        "ready": not failed,
+        "policy_version": policy.version if policy is not None else None,
+        "failed": failed,
+        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
+    }
     return Response(
-        _encode({"ready": True, "policy_version": policy.version}), media_type="application/json"
+        _encode(body),
+        status_code=503 if failed else 200,
+        media_type="application/json",
+        headers={"cache-control": "no-store"},
     )

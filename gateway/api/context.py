@@ -53,10 +53,14 @@ def request_id_for(request: Request[Any, Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
-async def authorize(request: Request[Any, Any, Any], services: Services) -> CallContext:
-    """Authenticate the caller and bind the request to the current policy."""
+async def authorize(
+    request: Request[Any, Any, Any], services: Services, request_id: str | None = None
+) -> CallContext:
+    """Authenticate the caller and bind the request to the current policy;
+    ``request_id`` is the one the caller already chose (``request_id_for``)."""
     started = time.perf_counter()
-    request_id = request_id_for(request)
+    if request_id is None:
+        request_id = request_id_for(request)
     request.state.request_id = request_id
     principal = await services.authenticator.authenticate(request.headers.get("authorization"))
     policy = services.policies.current

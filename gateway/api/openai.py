@@ -15,12 +15,15 @@ from typing import Any
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from gateway.api.context import CallContext, authorize, read_json_object
+from gateway.api.context import CallContext, authorize, read_json_object, request_id_for
 from gateway.api.sse import SseFramer, StreamUsage, usage_from
 from gateway.api.usage import draft_for
 from gateway.errors import BadRequestError
+from gateway.observe.labels import status_of
+from gateway.observe.request import RequestObserver
 from gateway.policy.compiled import ModelRoute, PriorityClass
 from gateway.queueing.classes import PRIORITY_HEADER, resolve_priority
 from gateway.queueing.pool import Slot
@@ -121,13 +124,45 @@ def _log(
 async def _forward(
     request: Request[Any, Any, Any], services: Services, path: str, kind: str
 ) -> Response[bytes] | Stream:
-    ctx = await authorize(request, services)
+    """Serve one inference request; whichever way it ends, its metrics and
+    trace record the outcome once (a stream's when it ends)."""
+    started = time.perf_counter()
+    request_id = request_id_for(request)
+    trace = services.tracing.request(request_id, "POST", path, request.headers)
+    observer = RequestObserver(services.metrics, trace, started)
+    try:
+        response = await _serve(request, services, path, kind, request_id, observer)
+    except BaseException as exc:
+        observer.finish(status_of(exc))
+        raise
+    if not isinstance(response, Stream):
+        observer.finish(200)
+    return response
+
+
+async def _serve(
+    request: Request[Any, Any, Any],
+    services: Services,
+    path: str,
+    kind: str,
+    request_id: str,
+    observer: RequestObserver,
+) -> Response[bytes] | Stream:
+    """Authenticate, validate, route and admit the request, then `_proxy` it;
+    each step is a span of the request's trace."""
+    trace = observer.trace
+    span = trace.child("auth")
+    ctx = await authorize(request, services, request_id)
+    observer.identify(ctx.tenant.tenant_id)
+    span.end()
     body = await read_json_object(request, services.settings.max_body_bytes)
     requested = _require_model(body)
+    observer.model(ctx.policy, requested)
     stream = _check_fields(body, kind)
     priority = resolve_priority(ctx.policy, ctx.tenant, request.headers.get(PRIORITY_HEADER))
     # --- routing: explicit, small/large or auto; tenant tiers; fallback;
     # canary version. Kept on the context for the log line (and the usage record).
+    span = trace.child("route")
     session_id = session_id_of(request.headers.get(SESSION_HEADER))
     decision = services.router.decide(
         ctx.policy,
@@ -141,9 +176,12 @@ async def _forward(
     )
     ctx = ctx.routed(decision)
     route = decision.route
+    span.end()
+    trace.set("tollgate.model", route.name)
     # --- end routing
     # Quota: reserve prompt + max_tokens (may set max_tokens in the body).
     # From here every exit settles or releases the grant, exactly once.
+    span = trace.child("quota")
     grant = await services.quota.admit(
         ctx.policy,
         ctx.tenant,
@@ -153,9 +191,21 @@ async def _forward(
         kind,
         record=draft_for(ctx, priority, stream),
     )
+    span.end()
     try:
         return await _proxy(
-            services, request, ctx, route, body, stream, priority, grant, path, kind, session_id
+            services,
+            request,
+            ctx,
+            route,
+            body,
+            stream,
+            priority,
+            grant,
+            path,
+            kind,
+            session_id,
+            observer,
         )
     except BaseException as exc:
         grant.finish_after_error(exc)
@@ -174,11 +224,13 @@ async def _proxy(
     path: str,
     kind: str,
     session_id: str | None,
+    observer: RequestObserver,
 ) -> Response[bytes] | Stream:
     """Queue, forward and relay an admitted request; settles `grant` when the
     response is complete (errors are finished by the caller)."""
     assert ctx.route is not None
     decision = ctx.route
+    trace = observer.trace
     client_wants_usage = False
     body["model"] = decision.version.upstream_model
     if stream:
@@ -197,7 +249,12 @@ async def _proxy(
     # the queue orders by the tokens the quota reserved (prompt + max_tokens).
     queue = services.queues.for_pool(pool)
     cost = grant.reserved_tokens
+    span = trace.child("queue")
     async with queue.admit(priority, ctx.tenant.tenant_id, cost, request.receive) as slot:
+        span.end()
+        observer.queued(pool.name, slot.priority, slot.wait_s)
+        upstream_span = trace.child("upstream", client=True)
+        trace.inject(headers, upstream_span)
         # --- routing: replicas in the order to try them, from the
         # load and health as they are when the slot is granted; the upstream
         # client retries the next one before any byte reached the client.
@@ -205,20 +262,22 @@ async def _proxy(
         # --- end routing
         sent_at = time.perf_counter()
         overhead = sent_at - ctx.started - slot.wait_s
+        observer.sent(overhead)
         grant.sent = True
         if stream:
             upstream = await services.upstream.open(
-                replicas, path, payload, headers, pool.timeouts, cost=cost
+                replicas, path, payload, headers, pool.timeouts, cost=cost, pool=pool.name
             )
             slot.keep()
         else:
             # Read whole while holding the slot, so that a replica dying
             # mid-response is retried on the next one.
             upstream, raw = await services.upstream.complete(
-                replicas, path, payload, headers, pool.timeouts, cost=cost
+                replicas, path, payload, headers, pool.timeouts, cost=cost, pool=pool.name
             )
     ttfb = time.perf_counter() - sent_at
     grant.record.replica = upstream.replica.url
+    upstream_span.set("tollgate.replica", upstream.replica.url)
     response_headers = _response_headers(ctx, decision, overhead)
     response_headers.update(grant.headers)
     response_headers["x-tollgate-priority"] = slot.priority
@@ -235,6 +294,9 @@ async def _proxy(
         # Settled in the background: the response does not wait for the
         # store's round trip (the grant finishes it even if this task ends).
         grant.settle_soon(_used_tokens(usage))
+        observer.first_byte()
+        observer.usage(usage)
+        upstream_span.end()
         _log(
             ctx,
             route,
@@ -262,6 +324,7 @@ async def _proxy(
                     if not framer.is_usage_only(e) or client_wants_usage
                 ]
                 if kept:
+                    observer.first_byte()
                     yield b"".join(kept)
             rest = framer.rest()
             if rest:
@@ -279,6 +342,9 @@ async def _proxy(
             grant.record.stream_ended(outcome)
             grant.settle_soon(_used_tokens(framer.usage))
             slot.release()
+            observer.usage(framer.usage)
+            upstream_span.end()
+            observer.finish(200)
             await upstream.close()
             _log(
                 ctx,
@@ -296,6 +362,9 @@ async def _proxy(
         events(),
         media_type="text/event-stream",
         headers={**response_headers, "cache-control": "no-cache"},
+        # Runs after the response even when the stream never started (the
+        # client left first), so the request is still finished once.
+        background=BackgroundTask(observer.after_stream),
     )
 
 

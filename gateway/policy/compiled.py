@@ -179,6 +179,8 @@ class Pool:
     timeouts: UpstreamTimeouts
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    required: bool = False
+    """Readiness (``GET /readyz``) needs a healthy replica of this pool."""
 
     @property
     def capacity(self) -> int:

@@ -464,6 +464,7 @@ def _compile(doc: PolicyDocument, tenants: Mapping[str, TenantFile]) -> c.Policy
             ),
             balancer=c.BalancerConfig(**p.balancer.model_dump()),
             health=_health(p.kind, p.health),
+            required=p.required,
         )
         for name, p in doc.pools.items()
     }

@@ -225,6 +225,11 @@ class PoolFile(_Strict):
 
     kind: PoolKind
     replicas: list[ReplicaFile] = Field(min_length=1)
+    required: bool = Field(
+        default=False,
+        description="the gateway reports ready (GET /readyz) only while at least one "
+        "replica of this pool is healthy",
+    )
     timeouts: UpstreamTimeoutsFile = Field(default_factory=UpstreamTimeoutsFile)
     balancer: BalancerFile = Field(default_factory=BalancerFile)
     health: HealthFile = Field(default_factory=HealthFile)

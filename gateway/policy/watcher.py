@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -82,6 +83,8 @@ class PolicyWatcher:
         self.last_error_at: datetime | None = None
         self.reloads_ok = 0
         self.reloads_failed = 0
+        self.last_reload_at: float | None = None
+        """Unix time the last load or reload finished, whatever its outcome."""
         self.on_change: list[Callable[[Policy], None]] = []
         """Called (on the event loop) with each newly swapped-in policy."""
 
@@ -98,6 +101,7 @@ class PolicyWatcher:
             return
         self._fingerprint = await asyncio.to_thread(self._stat)
         self._current = await asyncio.to_thread(self._load)
+        self.last_reload_at = time.time()
         log.info("policy_loaded", version=self._current.version)
         self._install_sighup()
         self._task = asyncio.create_task(self._run(), name="policy-watcher")
@@ -124,6 +128,7 @@ class PolicyWatcher:
                 policy = await asyncio.to_thread(self._load)
             except PolicyError as exc:
                 self.reloads_failed += 1
+                self.last_reload_at = time.time()
                 self.last_error = exc
                 self.last_error_at = exc.at
                 log.error(
@@ -133,6 +138,7 @@ class PolicyWatcher:
                 )
                 return False
             self.reloads_ok += 1
+            self.last_reload_at = time.time()
             self.last_error = None
             self.last_error_at = None
             previous = self._current

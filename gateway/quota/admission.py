@@ -17,6 +17,9 @@ Order (each step may refuse the request):
    `on_store_failure` decides: `fail_closed` is a 503 with Retry-After,
    `fail_open` admits without counting (logged as `quota_fail_open`).
 
+Every refusal is reported to the `Quota.on_denial` hooks (metrics) with the
+tenant and the limit that refused: one of `DENIAL_REASONS`.
+
 With the usage ledger on (`Quota(ledger=True)`, as the gateway runs), every
 admitted request gets a lease, tenants without counted limits included, so
 that its open record lives in the store and a request whose gateway dies
@@ -31,6 +34,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -59,6 +63,22 @@ from gateway.settings import GatewaySettings
 from gateway.usage.record import ChargeUnknown, RecordDraft, UsageEntry
 
 log = structlog.get_logger("tollgate.quota")
+
+DENIAL_REASONS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_prompt_tokens",
+    "max_output_tokens",
+    "store_unavailable",
+)
+"""What refuses a request: a counted limit (`gateway.quota.limits.COUNTED`),
+a per-request ceiling, or the store when a `fail_closed` tenant meets it down."""
+
+DenialHook = Callable[[str, str], None]
+"""Called with (tenant id, reason) for every refused request."""
 
 REQUEST_ID_HEADER = "x-tollgate-request-id"
 """Tollgate's own id of an admitted request: the key of its usage record."""
@@ -205,6 +225,12 @@ class Quota:
         self.charge_unknown: ChargeUnknown = charge_unknown
         self.fail_open_admits = 0
         """Requests admitted uncounted because the store was unavailable."""
+        self.on_denial: list[DenialHook] = []
+        """Called (on the event loop) with each refusal's tenant and reason."""
+
+    def _denied(self, tenant: TenantPolicy, reason: str) -> None:
+        for hook in self.on_denial:
+            hook(tenant.tenant_id, reason)
 
     async def admit(
         self,
@@ -222,6 +248,7 @@ class Quota:
         limits = request_limits(tenant, app_id, route.name)
         prompt = self.counter.count(route, body, kind)
         if limits.max_prompt_tokens is not None and prompt > limits.max_prompt_tokens:
+            self._denied(tenant, "max_prompt_tokens")
             raise BadRequestError(
                 f"The prompt is about {prompt} tokens, over this tenant's limit of "
                 f"{limits.max_prompt_tokens} prompt tokens (max_prompt_tokens) for "
@@ -229,7 +256,11 @@ class Quota:
                 code="context_length_exceeded",
                 param="messages" if kind == "chat" else "prompt",
             )
-        output = _output_tokens(body, limits.max_output_tokens, route, prompt)
+        try:
+            output = _output_tokens(body, limits.max_output_tokens, route, prompt)
+        except BadRequestError:
+            self._denied(tenant, "max_output_tokens")
+            raise
         reserved = prompt + output
         draft = record or RecordDraft(
             tenant.tenant_id, route.name, route.name, bool(body.get("stream")), app=app_id
@@ -267,7 +298,9 @@ class Quota:
             return self._store_failed(tenant, exc, prompt, reserved, draft, lease_name)
         headers = rate_limit_headers(admission.figures)
         if admission.lease is None:
-            raise _refusal(admission, reservation.tokens, headers)
+            refusal = _refusal(admission, reservation.tokens, headers)
+            self._denied(tenant, refusal.limit)
+            raise refusal.error
         if self.ledger:
             headers[REQUEST_ID_HEADER] = draft.request_id
         self.keeper.track(admission.lease, _horizon_s(policy, route, self.lease_ttl_s))
@@ -309,6 +342,7 @@ class Quota:
                 unleased=lease_name,
             )
         log.warning("quota_fail_closed", tenant=tenant.tenant_id, error=str(exc))
+        self._denied(tenant, "store_unavailable")
         raise ServiceUnavailableError(
             "The quota service is temporarily unavailable; retry shortly.",
             retry_after_s=exc.retry_after_s,
@@ -353,16 +387,24 @@ def _horizon_s(policy: Policy, route: ModelRoute, ttl_s: float) -> float:
     return longest_wait + route.pool.timeouts.total_s + ttl_s
 
 
-def _refusal(admission: Admission, requested: int, headers: dict[str, str]) -> RateLimitError:
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    error: RateLimitError
+    limit: str
+    """The kind of the limit reported (one of `COUNTED`)."""
+
+
+def _refusal(admission: Admission, requested: int, headers: dict[str, str]) -> _Refusal:
     figure = admission.decisive
     assert figure is not None  # a refused admission has a refusing limit
-    return RateLimitError(
+    error = RateLimitError(
         _message(figure, requested),
         retry_after_s=admission.retry_after_s,
         code=figure.code,
         error_type=_error_type(figure),
         headers=headers,
     )
+    return _Refusal(error, figure.kind)
 
 
 def _error_type(figure: Figure) -> str:

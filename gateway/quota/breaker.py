@@ -57,6 +57,9 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._state: State = "closed"
         self._probing = False
+        self.trips = 0
+        """Times the breaker opened from closed (a failed probe reopening it
+        is the same outage, not a new trip)."""
 
     @property
     def state(self) -> State:
@@ -96,6 +99,7 @@ class CircuitBreaker:
         probe, self._probing = self._probing, False
         if probe or (self._state == "closed" and self._failures >= self.failure_threshold):
             if self._state == "closed":
+                self.trips += 1
                 log.warning("quota_store_circuit_open", failures=self._failures)
             self._state = "open"
             self._opened_at = self._clock()
@@ -179,6 +183,10 @@ class GuardedStore:
     async def peek(self, scope: Scope) -> ScopeUsage:
         """See `QuotaStore.peek`."""
         return await self._call("peek", lambda: self.inner.peek(scope))
+
+    async def ping(self) -> None:
+        """See `QuotaStore.ping` (through the breaker: an open circuit fails at once)."""
+        await self._call("ping", self.inner.ping)
 
     async def close(self) -> None:
         """Close the inner store."""

@@ -322,6 +322,9 @@ class MemoryQuotaStore:
             month_tokens=budget("month"),
         )
 
+    async def ping(self) -> None:
+        """In this process: always answers."""
+
     async def close(self) -> None:
         """Nothing to release."""
 

@@ -552,6 +552,10 @@ class RedisQuotaStore:
         requests, tokens, concurrent, day, month = (int(v) for v in raw)
         return ScopeUsage(requests, tokens, concurrent, day, month)
 
+    async def ping(self) -> None:
+        """See `QuotaStore.ping`: one PING round trip."""
+        await self._client.ping()  # type: ignore[misc]
+
     async def reset_connections(self) -> None:
         """Drop the idle pooled connections (after a connection error)."""
         await self._client.connection_pool.disconnect(inuse_connections=False)

@@ -198,6 +198,10 @@ class QuotaStore(Protocol):
         """The scope's counters now, without changing anything."""
         ...
 
+    async def ping(self) -> None:
+        """Return when the store answers; raise when it does not (readiness)."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...

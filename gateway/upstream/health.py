@@ -91,6 +91,8 @@ class ReplicaState:
         self.consecutive_probe_failures = 0
         self.consecutive_successes = 0
         """Successful probes in a row while ejected."""
+        self.seen_up = False
+        """Whether a probe has passed since this process started (readiness)."""
         self.ejected_until = 0.0
         self.ejections_in_row = 0
         self.restored_at: float | None = None
@@ -131,6 +133,7 @@ class ReplicaState:
         if not probe:
             self.consecutive_failures = 0
             return
+        self.seen_up = True
         self.consecutive_probe_failures = 0
         if self.status == "healthy":
             return

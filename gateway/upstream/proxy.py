@@ -10,7 +10,9 @@ nothing is retried. Backend errors become OpenAI-format gateway errors.
 Every attempt is booked on its replica (``gateway.upstream.health``): its
 tokens count as in flight there until the response ends, and its outcome
 feeds passive health (connect errors, disconnects, 5xx, timeouts and broken
-streams are failures; any other answer a success).
+streams are failures; any other answer a success). Each failed attempt is
+also reported to the client's ``on_error`` hook (metrics) with its pool and
+one of ``ERROR_KINDS``.
 
 This is the one hot path that does not use httpx: measured side by side on the
 same fake backend, httpx spent about ten times aiohttp's CPU per proxied
@@ -22,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -42,6 +44,15 @@ from gateway.policy.compiled import Replica, UpstreamTimeouts
 from gateway.upstream.health import ReplicaBook, Ticket, report_failure, report_success
 
 _decode = msgspec.json.Decoder().decode
+
+ErrorKind = Literal["connect", "timeout", "status", "stream"]
+ERROR_KINDS: tuple[ErrorKind, ...] = ("connect", "timeout", "status", "stream")
+"""How an attempt failed: no usable connection before the response
+(``connect``), no answer or no end within the deadlines (``timeout``), a 5xx
+answer (``status``), the connection broke after the status line (``stream``)."""
+
+ErrorHook = Callable[[str, ErrorKind], None]
+"""Called with (pool, kind) for every failed attempt."""
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -70,6 +81,8 @@ class UpstreamResponse:
     """The request's booking on its replica (None without a ReplicaBook)."""
     num_attempts: int = 1
     """Replicas tried for this request, this one included."""
+    pool: str = ""
+    on_error: ErrorHook | None = None
 
     def __del__(self) -> None:
         # Safety net, as for queue slots: a stream whose generator never ran
@@ -80,13 +93,15 @@ class UpstreamResponse:
             self.ticket = None
             ticket.end()
 
-    def _finish(self, failure: str | None) -> None:
+    def _finish(self, failure: str | None, kind: ErrorKind = "stream") -> None:
         """End the booking once; ``failure`` counts against the replica's health."""
         ticket, self.ticket = self.ticket, None
         if ticket is not None:
             if failure is not None:
                 report_failure(ticket.state, failure)
             ticket.end()
+        if failure is not None and self.on_error is not None:
+            self.on_error(self.pool, kind)
 
     async def read(self) -> bytes:
         """The whole body, within the total deadline."""
@@ -94,7 +109,7 @@ class UpstreamResponse:
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
                 body = await self.response.read()
         except TimeoutError as exc:
-            self._finish("the response did not finish in time")
+            self._finish("the response did not finish in time", "timeout")
             raise UpstreamTimeoutError("the backend did not finish in time") from exc
         except aiohttp.ClientError as exc:
             self._finish(f"connection broke mid-response: {type(exc).__name__}")
@@ -119,7 +134,8 @@ class UpstreamResponse:
                     return
                 yield chunk
         except (TimeoutError, aiohttp.ClientError, UpstreamError) as exc:
-            self._finish(f"stream broke: {type(exc).__name__}")
+            kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "stream"
+            self._finish(f"stream broke: {type(exc).__name__}", kind)
             raise
         finally:
             self.close_now()
@@ -191,9 +207,16 @@ _RETRYABLE = (
 class UpstreamClient:
     """Sends requests to backends over the shared session."""
 
-    def __init__(self, session: aiohttp.ClientSession, book: ReplicaBook | None = None):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        book: ReplicaBook | None = None,
+        *,
+        on_error: ErrorHook | None = None,
+    ):
         self._session = session
         self._book = book
+        self._on_error = on_error
         self._timeouts: dict[UpstreamTimeouts, aiohttp.ClientTimeout] = {}
 
     def _timeout(self, timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
@@ -216,11 +239,13 @@ class UpstreamClient:
         *,
         cost: int = 0,
         deadline: float | None = None,
+        pool: str = "",
     ) -> UpstreamResponse:
         """POST `body` to `replicas` in order until one answers below 500 and
         return once its status and headers arrived; errors are raised as
         gateway errors. `cost` (prompt + max_tokens) is booked as in flight
-        on the replica until the response ends."""
+        on the replica until the response ends; `pool` names the replicas'
+        pool to the error hook."""
         if not replicas:
             raise ServiceUnavailableError("no backend replica is configured for this model")
         if deadline is None:
@@ -230,7 +255,7 @@ class UpstreamClient:
         for attempt, replica in enumerate(replicas, 1):
             try:
                 upstream = await self._attempt(
-                    replica, path, body, headers, timeouts, deadline, cost
+                    replica, path, body, headers, timeouts, deadline, cost, pool
                 )
             except _TryNext as retry:
                 # A backend's own error says more than a refused connection.
@@ -251,6 +276,7 @@ class UpstreamClient:
         timeouts: UpstreamTimeouts,
         *,
         cost: int = 0,
+        pool: str = "",
     ) -> tuple[UpstreamResponse, bytes]:
         """`open`, then read the whole body; a replica whose connection breaks
         mid-response is retried on the next one (nothing reached the client)."""
@@ -259,7 +285,7 @@ class UpstreamClient:
         tried = 0
         while True:
             upstream = await self.open(
-                remaining, path, body, headers, timeouts, cost=cost, deadline=deadline
+                remaining, path, body, headers, timeouts, cost=cost, deadline=deadline, pool=pool
             )
             used = upstream.num_attempts
             tried += used
@@ -282,6 +308,7 @@ class UpstreamClient:
         timeouts: UpstreamTimeouts,
         deadline: float,
         cost: int,
+        pool: str,
     ) -> UpstreamResponse:
         state = self._book.get(replica.url) if self._book is not None else None
         ticket = state.begin(cost) if state is not None else None
@@ -300,13 +327,13 @@ class UpstreamClient:
                     "no backend replica is reachable for this model", retry_after_s=1.0
                 )
                 failure.__cause__ = exc
-                _failed(ticket, f"{type(exc).__name__} before the response")
+                self._failed(ticket, pool, "connect", f"{type(exc).__name__} before the response")
                 raise _TryNext(failure, answered=False) from exc
             except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-                _failed(ticket, "no response within first_byte_s")
+                self._failed(ticket, pool, "timeout", "no response within first_byte_s")
                 raise UpstreamTimeoutError("the backend did not answer in time") from exc
             except aiohttp.ClientError as exc:
-                _failed(ticket, f"{type(exc).__name__} before the response")
+                self._failed(ticket, pool, "connect", f"{type(exc).__name__} before the response")
                 raise UpstreamError("the backend connection failed") from exc
             if response.status >= 400:
                 try:
@@ -317,22 +344,25 @@ class UpstreamClient:
                     response.release()
                 error = _error_from_backend(response.status, raw, response.headers)
                 if response.status >= 500:
-                    _failed(ticket, f"status {response.status}")
+                    self._failed(ticket, pool, "status", f"status {response.status}")
                     raise _TryNext(error, answered=True)
                 _succeeded(ticket)  # the replica works; the request was refused
                 raise error
             _succeeded(ticket, keep=True)
-            upstream = UpstreamResponse(replica, response, timeouts, deadline, ticket)
+            upstream = UpstreamResponse(
+                replica, response, timeouts, deadline, ticket, pool=pool, on_error=self._on_error
+            )
             return upstream
         finally:
             if upstream is None and ticket is not None:
                 ticket.end()
 
-
-def _failed(ticket: Ticket | None, reason: str) -> None:
-    if ticket is not None:
-        report_failure(ticket.state, reason)
-        ticket.end()
+    def _failed(self, ticket: Ticket | None, pool: str, kind: ErrorKind, reason: str) -> None:
+        if ticket is not None:
+            report_failure(ticket.state, reason)
+            ticket.end()
+        if self._on_error is not None:
+            self._on_error(pool, kind)
 
 
 def _succeeded(ticket: Ticket | None, *, keep: bool = False) -> None:

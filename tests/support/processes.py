@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -182,18 +183,20 @@ class FakeUpstreamProcess(ServiceProcess):
 
 
 class InProcessGateway:
-    """The gateway app under uvicorn in a background thread, on a random port."""
+    """The gateway app under uvicorn in a background thread, on a random port;
+    ``tracing`` replaces the tracing its settings configure."""
 
-    def __init__(self, settings: object) -> None:
+    def __init__(self, settings: object, *, tracing: object = None) -> None:
         import uvicorn
 
         from gateway.app import create_app
+        from gateway.observe.tracing import Tracing
         from gateway.settings import GatewaySettings
 
         assert isinstance(settings, GatewaySettings)
         self.port = free_port()
         config = uvicorn.Config(
-            create_app(settings),
+            create_app(settings, tracing=cast(Tracing | None, tracing)),
             host="127.0.0.1",
             port=self.port,
             log_level="warning",

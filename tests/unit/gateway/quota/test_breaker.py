@@ -61,6 +61,9 @@ class FlakyStore:
         await self._go()
         return ScopeUsage(0, 0, 0, 0, 0)
 
+    async def ping(self) -> None:
+        await self._go()
+
     async def close(self) -> None:
         pass
 
@@ -142,3 +145,41 @@ async def test_a_cancelled_probe_frees_the_half_open_slot() -> None:
         await task
     inner.mode = "ok"
     assert (await store.admit(RESERVATION)).allowed
+
+
+def test_trips_count_outages_not_failed_probes() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=2, reset_after_s=1.0, clock=clock)
+    assert breaker.trips == 0
+    for _ in range(2):
+        breaker.allow()
+        breaker.failed()
+    assert breaker.state == "open" and breaker.trips == 1
+    clock.now = 1.0
+    assert breaker.allow()
+    breaker.failed()  # the probe fails: still the same outage
+    assert breaker.state == "open" and breaker.trips == 1
+    clock.now = 2.0
+    assert breaker.allow()
+    breaker.succeeded()
+    for _ in range(2):
+        breaker.allow()
+        breaker.failed()
+    assert breaker.trips == 2
+
+
+async def test_ping_goes_through_the_breaker() -> None:
+    inner = FlakyStore()
+    clock = Clock()
+    store = GuardedStore(
+        inner, CircuitBreaker(failure_threshold=1, reset_after_s=1.0, clock=clock), timeout_s=1.0
+    )
+    await store.ping()
+    inner.mode = "fail"
+    with pytest.raises(StoreUnavailableError) as info:
+        await store.ping()
+    assert info.value.attempted and store.breaker.state == "open"
+    calls = inner.calls
+    with pytest.raises(StoreUnavailableError) as info:
+        await store.ping()
+    assert not info.value.attempted and inner.calls == calls

@@ -337,3 +337,7 @@ async def test_admits_exactly_what_fits(
         # Requests still running keep their leases alive, as the keeper does.
         await store.renew([lease for _, lease, _ in open_leases])
         clock.advance(pause)
+
+
+async def test_a_live_store_answers_a_ping(store: QuotaStore) -> None:
+    await store.ping()
