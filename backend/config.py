@@ -7,6 +7,7 @@ from typing import Literal
 
 Quant = Literal["none", "int4", "fp8", "int8"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+EngineKind = Literal["torch", "tensorrt_llm"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,10 @@ class CacheConfig:
     """Tokens per KV block."""
     num_blocks: int | None = None
     """KV blocks in the pool; when None, derived from `cache_bytes`."""
-    cache_bytes: int = 256 * 1024 * 1024
-    """KV pool size in bytes, used when `num_blocks` is None."""
+    cache_bytes: int = 1024 * 1024 * 1024
+    """KV pool size in bytes, used when `num_blocks` is None. 1 GiB holds about 23,000
+    float32 tokens of the bundled model: `max_num_seqs` (32) requests of 700 tokens run
+    at once. Pages are touched only as blocks fill, so an idle pool costs little RSS."""
     enable_prefix_caching: bool = True
 
 
@@ -50,6 +53,8 @@ class ModelConfig:
     """Quantized linears: int4/fp8 weight-only on any device; int8 (fbgemm) on CPU only."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
+    cuda_graphs: bool = True
+    """Replay decode steps as CUDA graphs on CUDA (with Triton); ignored on CPU."""
 
     def __post_init__(self) -> None:
         """Refuse a quantization the device cannot run, before anything is loaded."""
@@ -62,9 +67,69 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TrtllmConfig:
+    """Settings of the `tensorrt_llm` engine (TensorRT-LLM's LLM API, PyTorch backend).
+
+    The quantization (FP8, NVFP4, INT4 AWQ) is read from the ModelOpt
+    checkpoint itself, never chosen here.
+    """
+
+    tensor_parallel_size: int = 1
+    """GPUs the model is split across."""
+    max_batch_size: int = 256
+    """Most requests in a batch (`--max-num-seqs`)."""
+    max_num_tokens: int = 8192
+    """Per-iteration token budget (`--max-num-batched-tokens`)."""
+    max_seq_len: int | None = None
+    """Longest prompt + completion (`--max-model-len`); None: the checkpoint's
+    `max_position_embeddings`."""
+    kv_cache_fraction: float = 0.9
+    """Fraction of the GPU memory left after loading the weights that the KV cache takes."""
+    kv_cache_max_tokens: int | None = None
+    """Cap on the tokens the KV cache holds; the smaller of this and the fraction wins."""
+
+    def __post_init__(self) -> None:
+        """Refuse values TensorRT-LLM would reject later, after minutes of loading."""
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(
+                f"--trtllm-kv-cache-fraction must be in (0, 1], not {self.kv_cache_fraction}"
+            )
+        for name, value in (
+            ("--tensor-parallel-size", self.tensor_parallel_size),
+            ("--max-num-seqs", self.max_batch_size),
+            ("--max-num-batched-tokens", self.max_num_tokens),
+            ("--max-model-len", self.max_seq_len),
+            ("--trtllm-kv-cache-max-tokens", self.kv_cache_max_tokens),
+        ):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, not {value}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    engine: EngineKind = "torch"
+    """`torch`: the built-in engine; `tensorrt_llm`: TensorRT-LLM where it is installed."""
+    trtllm: TrtllmConfig = field(default_factory=TrtllmConfig)
+    """Used by the `tensorrt_llm` engine only."""
+
+    def __post_init__(self) -> None:
+        """Refuse settings the chosen engine cannot honour, before anything is loaded."""
+        if self.engine == "torch":
+            if self.trtllm.tensor_parallel_size != 1:
+                raise ValueError("--tensor-parallel-size needs --engine tensorrt_llm")
+            return
+        if self.model.path is None:
+            raise ValueError(
+                "--engine tensorrt_llm needs --model: a Hugging Face checkpoint folder "
+                "(for FP8, NVFP4 or INT4 AWQ, one quantized with NVIDIA ModelOpt)"
+            )
+        if self.model.quant != "none":
+            raise ValueError(
+                "--quant is for the torch engine; the tensorrt_llm engine reads the "
+                "quantization from the checkpoint (use a ModelOpt-quantized one)"
+            )

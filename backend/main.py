@@ -1,7 +1,9 @@
-"""`tollgate backend`: serve a model with the built-in torch engine.
+"""`tollgate backend`: serve a model with the built-in torch engine, or with
+TensorRT-LLM (`--engine tensorrt_llm`) where it is installed.
 
-The HTTP server starts at once so `/health` answers while the model loads;
-`/ready` turns 200 once the weights are loaded and one warm-up step has run.
+The HTTP server starts at once so `/health` answers while the torch engine
+loads; `/ready` turns 200 once the weights are loaded and one warm-up step has
+run.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
-from backend.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from backend.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, TrtllmConfig
 
 log = structlog.get_logger(__name__)
 
@@ -54,12 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
         "and activations through fbgemm's int8 GEMM (CPU only)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--max-num-seqs", type=int, default=32, help="most requests running at once")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay decode steps as CUDA graphs (torch engine on CUDA; no effect on CPU)",
+    )
+    # Engine-dependent defaults: SUPPRESS leaves the attribute unset when the
+    # flag is not given, and config_from_args picks the engine's default.
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="most requests running at once (default: 32; tensorrt_llm: 256)",
+    )
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=512,
-        help="per-step token budget; prefills are chunked to fit",
+        default=argparse.SUPPRESS,
+        help="per-step token budget; prefills are chunked to fit "
+        "(default: 512; tensorrt_llm: 8192)",
     )
     p.add_argument(
         "--max-waiting",
@@ -67,40 +84,104 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="waiting-queue bound; beyond it requests get 429",
     )
-    p.add_argument("--max-model-len", type=int, default=2048, help="prompt + completion limit")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="prompt + completion limit "
+        "(default: 2048; tensorrt_llm: the checkpoint's max_position_embeddings)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     size = p.add_mutually_exclusive_group()
-    size.add_argument(
-        "--kv-cache-bytes", type=int, default=256 * 1024 * 1024, help="KV pool size in bytes"
-    )
+    size.add_argument("--kv-cache-bytes", type=int, default=1024**3, help="KV pool size in bytes")
     size.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    trt = p.add_argument_group(
+        "TensorRT-LLM",
+        "--engine tensorrt_llm serves a Hugging Face checkpoint folder (FP8, NVFP4 or INT4 AWQ "
+        "when quantized with NVIDIA ModelOpt; the quantization is read from the checkpoint) "
+        "through TensorRT-LLM's LLM API. It runs in NVIDIA's release image "
+        "nvcr.io/nvidia/tensorrt-llm/release (docs/tensorrt-llm.md). --max-num-seqs, "
+        "--max-num-batched-tokens, --max-model-len, --max-waiting, --dtype and "
+        "--no-prefix-caching apply to it; the KV-cache size flags above do not.",
+    )
+    trt.add_argument(
+        "--engine",
+        default="torch",
+        choices=["torch", "tensorrt_llm"],
+        help="torch: the built-in engine; tensorrt_llm: TensorRT-LLM on NVIDIA GPUs",
+    )
+    trt.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs to split the model across"
+    )
+    trt.add_argument(
+        "--trtllm-kv-cache-fraction",
+        type=float,
+        default=0.9,
+        help="fraction of the GPU memory left after the weights that the KV cache takes",
+    )
+    trt.add_argument(
+        "--trtllm-kv-cache-max-tokens",
+        type=int,
+        default=None,
+        help="cap on the tokens the KV cache holds (the smaller of this and the fraction wins)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
 
+def _default_served_name(args: argparse.Namespace) -> str:
+    """The bundled model's name; a TensorRT-LLM checkpoint is named after its folder."""
+    if args.engine == "tensorrt_llm" and args.model:
+        return Path(args.model).name or "model"
+    return "smollm2"
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 def config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Map parsed arguments onto the engine's config dataclasses."""
+    """Map parsed arguments onto the engine's config dataclasses.
+
+    Flags shared by both engines that were not given take the chosen engine's
+    default; raises ValueError for settings the engine cannot honour.
+    """
+    max_num_seqs = getattr(args, "max_num_seqs", None)
+    max_num_batched_tokens = getattr(args, "max_num_batched_tokens", None)
+    max_model_len = getattr(args, "max_model_len", None)
+    torch_cfg = SchedulerConfig()
+    trt_cfg = TrtllmConfig()
     return EngineConfig(
+        engine=args.engine,
         model=ModelConfig(
             path=args.model,
-            served_names=tuple(args.served_names or ["smollm2"]),
+            served_names=tuple(args.served_names or [_default_served_name(args)]),
             dtype=args.dtype,
             device=args.device,
             quant=args.quant,
             num_threads=args.threads,
+            cuda_graphs=args.cuda_graphs,
         ),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=_or(max_num_seqs, torch_cfg.max_num_seqs),
+            max_num_batched_tokens=_or(max_num_batched_tokens, torch_cfg.max_num_batched_tokens),
             max_waiting=args.max_waiting,
-            max_model_len=args.max_model_len,
+            max_model_len=_or(max_model_len, torch_cfg.max_model_len),
         ),
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_kv_blocks,
             cache_bytes=args.kv_cache_bytes,
             enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        trtllm=TrtllmConfig(
+            tensor_parallel_size=args.tensor_parallel_size,
+            max_batch_size=_or(max_num_seqs, trt_cfg.max_batch_size),
+            max_num_tokens=_or(max_num_batched_tokens, trt_cfg.max_num_tokens),
+            max_seq_len=max_model_len,
+            kv_cache_fraction=args.trtllm_kv_cache_fraction,
+            kv_cache_max_tokens=args.trtllm_kv_cache_max_tokens,
         ),
     )
 
@@ -113,10 +194,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if config.engine == "tensorrt_llm":
+        from backend.engine.trtllm.availability import (
+            EngineUnavailableError,
+            require_tensorrt_llm,
+        )
+
+        try:
+            # Imported here, in the main thread and before the server starts:
+            # a missing or broken install is one clear line, not a traceback.
+            require_tensorrt_llm()
+        except EngineUnavailableError as exc:
+            print(f"{parser.prog}: {exc}", file=sys.stderr)
+            return 2
     import uvicorn
 
     from backend.api.server import BackendState, create_app
-    from backend.bootstrap import load_into
+
+    if config.engine == "tensorrt_llm":
+        from backend.engine.trtllm.load import load_trtllm_into as load_into
+    else:
+        from backend.bootstrap import load_into
 
     state = BackendState(config.model.served_names)
     app = create_app(state)
@@ -124,7 +222,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def load_on_startup() -> None:
         asyncio.get_running_loop().create_task(load_into(state, config))
 
+    async def stop_engine() -> None:
+        if state.service is not None:
+            await state.service.engine.stop()
+
     app.on_startup.append(load_on_startup)
+    app.on_shutdown.append(stop_engine)
     uvicorn.run(
         app,
         host=args.host,

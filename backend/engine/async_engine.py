@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -41,7 +41,10 @@ _IDLE_WAIT_S = 0.005
 
 
 class AsyncEngine:
-    """Runs an `EngineCore` in a thread and streams per-request updates."""
+    """Runs an `EngineCore` in a thread and streams per-request updates.
+
+    The built-in torch engine; satisfies `backend.engine.protocol.Engine`.
+    """
 
     def __init__(self, core: EngineCore, *, on_step: Callable[[float, int], None] | None = None):
         self._core = core
@@ -75,7 +78,11 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
 
-    async def generate(self, request: Request) -> AsyncIterator[RequestUpdate]:
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id on the next step; unknown ids are ignored."""
+        self._commands.put(_Abort(request_id))
+
+    async def generate(self, request: Request) -> AsyncGenerator[RequestUpdate, None]:
         """Submit `request` and yield its updates until it finishes.
 
         Raises the scheduler's QueueFullError when the waiting queue is full.

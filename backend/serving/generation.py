@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from backend.api.errors import InvalidRequest, Overloaded
 from backend.api.protocol import _SamplingFields
-from backend.engine.async_engine import AsyncEngine
+from backend.engine.protocol import Engine
 from backend.engine.request import Request, SamplingParams
 from backend.scheduler.errors import QueueFullError
 from backend.serving.metrics import EngineMetrics
@@ -38,7 +38,7 @@ class GenerationService:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: Engine,
         tokenizer: Tokenizer,
         *,
         max_model_len: int,
@@ -104,8 +104,9 @@ class GenerationService:
         started = time.monotonic()
         last = started
         first = True
+        updates = self.engine.generate(request)
         try:
-            async for update in self.engine.generate(request):
+            async for update in updates:
                 state.cached_tokens = max(update.num_cached_tokens, 0)
                 state.completion_tokens += len(update.new_token_ids)
                 if update.new_token_ids:
@@ -137,6 +138,10 @@ class GenerationService:
             # example one that needs more KV blocks than the pool holds).
             raise InvalidRequest(str(exc)) from exc
         finally:
+            # Closing the engine's stream now, not whenever it is collected,
+            # is what aborts a request whose client left or whose text
+            # reached a stop string.
+            await updates.aclose()
             self.metrics.observe_finished(
                 request,
                 state.prompt_tokens,
