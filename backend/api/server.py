@@ -272,7 +272,10 @@ async def _respond(
 ) -> Response[bytes] | Stream:
     """Run the request and answer whole or as a stream, in `fmt`'s shape."""
     request_id = _request_id(request, fmt.id_prefix)
-    req = service.build_request(request_id, prompt_ids, body, body.output_limit)
+    # The engine keys its streams by id, and a client may send the same
+    # x-request-id twice at once: the engine gets an id of its own.
+    engine_id = f"{request_id}.{uuid.uuid4().hex[:12]}"
+    req = service.build_request(engine_id, prompt_ids, body, body.output_limit)
     gen = GenerationState(request_id=request_id, prompt_tokens=len(prompt_ids))
     deltas = service.stream(req, gen)
     if body.stream:

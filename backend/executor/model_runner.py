@@ -1,17 +1,34 @@
-"""Runs scheduler steps on the model: owns the weights, the paged KV cache and sampling."""
+"""Runs scheduler steps on the model: owns the weights, the paged KV cache and sampling.
+
+On CPU attention gathers each step's keys into padded SDPA groups. On CUDA (with
+Triton, Ampere or newer) the step carries `PagedAttentionMetadata` instead and
+attention runs the paged kernel; decode-only steps then replay CUDA graphs
+(`cuda_graphs.py`) unless `ModelConfig.cuda_graphs` is off. Graphs need one extra
+KV block, past the ones the scheduler hands out, for their padding rows.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from backend.config import CacheConfig, ModelConfig, SchedulerConfig
 from backend.engine.request import SamplingParams
+from backend.executor.cuda_graphs import DecodeGraphs, capture_sizes
+from backend.executor.kernels import triton_kernels_supported
+from backend.executor.kernels.paged_attention import PagedAttentionMetadata
 from backend.executor.sampling import Sampler
-from backend.models.llama import AttentionGroup, BatchMetadata, KVCache, LlamaConfig
+from backend.models.llama import (
+    AttentionGroup,
+    BatchMetadata,
+    KVCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from backend.models.loader import load_model, resolve_model_dir
 from backend.scheduler.output import ModelOutput, ScheduledChunk, SchedulerOutput
 from backend.tokenizer import Tokenizer
@@ -33,6 +50,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero-filled KV cache tensor.
+
+    On CPU the memory comes from calloc (via numpy), whose large allocations are
+    fresh zero pages mapped on first write: a big pool costs resident memory
+    only as its blocks fill. `torch.zeros` would write, and so map, every page
+    at start. The cache must be zeros, not `empty`: padding slots of an
+    attention group read blocks that were never written, and garbage there
+    (a NaN times a zero weight) would poison the output.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 def _long(values: Sequence[int], device: torch.device) -> Tensor:
@@ -76,13 +111,41 @@ def _attention_group(
     )
 
 
-def prepare_batch(
+def paged_metadata(
     chunks: Sequence[ScheduledChunk], block_size: int, device: torch.device
+) -> PagedAttentionMetadata:
+    """Query runs, sequence lengths and block tables of the step's chunks, in batch order."""
+    query_start = [0]
+    seq_lens: list[int] = []
+    needed: list[int] = []
+    for chunk in chunks:
+        n = len(chunk.token_ids)
+        query_start.append(query_start[-1] + n)
+        seq_lens.append(chunk.start_pos + n)
+        needed.append(math.ceil((chunk.start_pos + n) / block_size))
+    width = max(needed, default=1)
+    table: list[int] = []
+    for chunk, num in zip(chunks, needed, strict=True):
+        if num > len(chunk.block_ids):
+            raise ValueError(f"request {chunk.request_id} has too few blocks for its tokens")
+        table += chunk.block_ids[:num]
+        table += [0] * (width - num)
+    return PagedAttentionMetadata(
+        query_start=_long(query_start, device),
+        seq_lens=_long(seq_lens, device),
+        block_tables=_long(table, device).view(len(chunks), width),
+        max_query_len=max((len(chunk.token_ids) for chunk in chunks), default=1),
+    )
+
+
+def prepare_batch(
+    chunks: Sequence[ScheduledChunk], block_size: int, device: torch.device, paged: bool = False
 ) -> tuple[Tensor, BatchMetadata]:
     """Flatten the step's chunks into token ids and attention metadata.
 
-    Single-token chunks (decodes) and longer chunks (prefills) form separate
-    attention groups so that decodes are not padded to a prefill's length.
+    With `paged`, attention gets per-sequence block tables for the paged kernel.
+    Otherwise single-token chunks (decodes) and longer chunks (prefills) form
+    separate SDPA groups so that decodes are not padded to a prefill's length.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -99,57 +162,112 @@ def prepare_batch(
         (decodes if n == 1 else prefills).append((chunk, offset))
         if chunk.sample:
             logits_index.append(offset + n - 1)
-    groups = tuple(_attention_group(g, block_size, device) for g in (decodes, prefills) if g)
+    if paged:
+        groups: tuple[AttentionGroup, ...] = ()
+        paged_meta: PagedAttentionMetadata | None = paged_metadata(chunks, block_size, device)
+    else:
+        groups = tuple(_attention_group(g, block_size, device) for g in (decodes, prefills) if g)
+        paged_meta = None
     meta = BatchMetadata(
         positions=_long(positions, device),
         slot_mapping=_long(slots, device),
         groups=groups,
         logits_index=_long(logits_index, device),
+        paged=paged_meta,
     )
     return _long(input_ids, device), meta
 
 
 class ModelRunner:
-    """Loads the model and KV cache, and executes one `SchedulerOutput` per call."""
+    """Loads the model and KV cache, and executes one `SchedulerOutput` per call.
+
+    `model` serves a model built in memory (random weights for benchmarks) instead
+    of loading `model_config.path`; such a runner has no tokenizer, and its dtype
+    and device are the model's.
+    """
 
     def __init__(
         self,
         model_config: ModelConfig,
         cache_config: CacheConfig,
         scheduler_config: SchedulerConfig,
+        *,
+        model: LlamaForCausalLM | None = None,
     ) -> None:
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
-        self.device = torch.device(model_config.device)
-        self.dtype = resolve_dtype(model_config.dtype, self.device)
-        self.model_dir = resolve_model_dir(model_config.path)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        config = LlamaConfig.from_file(self.model_dir / "config.json")
-        self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
-        self.model = load_model(
-            self.model_dir, self.dtype, self.device, model_config.quant, self.max_model_len
-        )
+        self.model_dir: Path | None = None
+        self._tokenizer: Tokenizer | None = None
+        if model is None:
+            self.device = torch.device(model_config.device)
+            self.dtype = resolve_dtype(model_config.dtype, self.device)
+            self.model_dir = resolve_model_dir(model_config.path)
+            self._tokenizer = Tokenizer.from_dir(self.model_dir)
+            config = LlamaConfig.from_file(self.model_dir / "config.json")
+            self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
+            model = load_model(
+                self.model_dir, self.dtype, self.device, model_config.quant, self.max_model_len
+            )
+        else:
+            config = model.config
+            self.device = model.tok_embeddings.weight.device
+            self.dtype = model.tok_embeddings.weight.dtype
+            # The model's RoPE tables may have been built for fewer positions.
+            self.max_model_len = min(
+                scheduler_config.max_model_len,
+                config.max_position_embeddings,
+                model.rope_cos.shape[0],
+            )
+        self.model = model
         self.block_size = cache_config.block_size
         block_shape = (self.block_size, config.num_kv_heads, config.head_dim)
         bytes_per_block = 2 * config.num_layers * math.prod(block_shape) * self.dtype.itemsize
         self.num_blocks = cache_config.num_blocks or cache_config.cache_bytes // bytes_per_block
         if self.num_blocks < 1:
             raise ValueError("the KV cache is too small for a single block")
+        self.paged_kernel = self.device.type == "cuda" and triton_kernels_supported(self.device)
+        self.use_cuda_graphs = self.paged_kernel and model_config.cuda_graphs
+        # Block `num_blocks` (the scheduler's blocks are 0..num_blocks-1) is the
+        # graphs' scratch block for padding rows.
+        num_physical = self.num_blocks + (1 if self.use_cuda_graphs else 0)
+        cache_shape = (num_physical, *block_shape)
         self.kv_caches: list[KVCache] = [
             (
-                torch.zeros((self.num_blocks, *block_shape), dtype=self.dtype, device=self.device),
-                torch.zeros((self.num_blocks, *block_shape), dtype=self.dtype, device=self.device),
+                zeroed_cache(cache_shape, self.dtype, self.device),
+                zeroed_cache(cache_shape, self.dtype, self.device),
             )
             for _ in range(config.num_layers)
         ]
+        self.graph_sizes = capture_sizes(scheduler_config.max_num_seqs)
+        self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(self.device)
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The served model's tokenizer (a runner over an in-memory model has none)."""
+        if self._tokenizer is None:
+            raise RuntimeError("this runner serves a model built in memory, without a tokenizer")
+        return self._tokenizer
+
     def compute_logits(self, chunks: Sequence[ScheduledChunk]) -> Tensor:
-        """Run the chunks; return float32 logits `[S, vocab]` for those with `sample=True`."""
+        """Run the chunks; return float32 logits `[S, vocab]` for those with `sample=True`.
+
+        A decode step replayed from a CUDA graph returns a view of the graph's
+        output, valid until the next step.
+        """
         with torch.inference_mode():
-            input_ids, meta = prepare_batch(chunks, self.block_size, self.device)
-            logits: Tensor = self.model(input_ids, meta, self.kv_caches)
-            return logits
+            if self.graphs is not None and all(len(c.token_ids) == 1 for c in chunks):
+                logits = self.graphs.run(chunks)
+                if logits is not None:
+                    if all(c.sample for c in chunks):
+                        return logits
+                    rows = [i for i, c in enumerate(chunks) if c.sample]
+                    return logits.index_select(0, _long(rows, self.device))
+            input_ids, meta = prepare_batch(
+                chunks, self.block_size, self.device, paged=self.paged_kernel
+            )
+            out: Tensor = self.model(input_ids, meta, self.kv_caches)
+            return out
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         """Run one step and sample a token for every chunk with `sample=True`."""
@@ -186,3 +304,18 @@ class ModelRunner:
         decode = ScheduledChunk("warmup", [0], n, blocks, True, params, 1)
         self.execute(SchedulerOutput(chunks=[prefill]))
         self.execute(SchedulerOutput(chunks=[decode]))
+        if self.use_cuda_graphs and self.graphs is None:
+            self.capture_cuda_graphs()
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture the decode graphs (CUDA only; once, after the first eager steps)."""
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.graph_sizes,
+            self.block_size,
+            self.max_model_len,
+            scratch_block=self.num_blocks,
+        )
+        graphs.capture()
+        self.graphs = graphs

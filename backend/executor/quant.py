@@ -21,6 +21,13 @@ for many rows and is not used.
 (`amax / 448`). The matmul upcasts the weight to the compute dtype and applies the
 scale to the output, which is equivalent because each scale belongs to one output.
 
+On CUDA the two layers pick their GPU kernels by the input's device, and the CPU
+paths below are untouched: `int4` runs the Triton kernel of
+`kernels/int4_matmul_triton.py` for decode-sized batches (dequantize + cuBLAS above
+`CUDA_INT4_KERNEL_MAX_ROWS`), and `fp8` in bfloat16 on Hopper or newer quantizes
+the activations per token and multiplies e4m3 by e4m3 with `torch._scaled_mm`
+(`kernels/fp8_matmul.py`).
+
 With `int4` and `fp8` the token embedding and `output` (lm_head, often tied to the
 embedding) stay in full precision: they are lookups or a single projection whose
 error shows directly in the logits, and the tied pair could not share one quantized
@@ -79,6 +86,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from backend.executor.kernels.fp8_matmul import (
+    fp8_scaled_mm,
+    scaled_mm_shapes_ok,
+    scaled_mm_supported,
+)
+from backend.executor.kernels.int4_matmul import int4_matmul
 
 QuantScheme = Literal["int4", "fp8", "int8"]
 INT4_GROUP_SIZES = (32, 64)
@@ -223,6 +237,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Multiply by the int4 weight (fused kernel when prepared, else dequantize)."""
+        if x.is_cuda:
+            return int4_matmul(x, self.packed, self.scales, self.mins, self.group_size, self.bias)
         flat = x.reshape(-1, self.in_features)
         if (
             self.kernel_weight is not None
@@ -252,9 +268,19 @@ class Fp8Linear(nn.Module):
         )
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.scaled_mm_shapes = scaled_mm_shapes_ok(in_features, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Upcast the weight, multiply, scale each output channel."""
+        """e4m3 x e4m3 on Hopper in bf16; elsewhere upcast the weight, multiply, scale."""
+        if (
+            x.is_cuda
+            and x.dtype == torch.bfloat16
+            and self.scaled_mm_shapes
+            and scaled_mm_supported(x.device)
+        ):
+            flat = x.reshape(-1, self.in_features)
+            out = fp8_scaled_mm(flat, self.weight, self.scale, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
 

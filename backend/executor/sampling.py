@@ -4,7 +4,9 @@ Sampling uses the exponential race (argmax of `p / E` with `E ~ Exp(1)`), which 
 index `i` with probability `p_i`. A seeded request draws its noise from a generator
 seeded by `(seed, num_generated)` alone, so its tokens do not depend on which other
 requests share the batch, nor on whether it was preempted and recomputed.
-Everything stays on the logits' device; the caller does the one host transfer.
+Everything stays on the logits' device. The per-row parameters travel to it in
+one asynchronous copy, and nothing here waits for the device: on CUDA the only
+host sync of a step is the caller's one transfer of the sampled tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +29,27 @@ def derive_seed(seed: int, num_generated: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
+def row_parameters(params: Sequence[SamplingParams], vocab: int) -> Tensor:
+    """`[N, 4]` float32 on the host: temperature, top-k, top-p, greedy (1.0 or 0.0) per row.
+
+    Greedy rows get temperature 1 (their sampled token is discarded anyway) and a
+    disabled top-k becomes `vocab`; float32 holds every vocabulary index exactly
+    below 2**24.
+    """
+    return torch.tensor(
+        [
+            (
+                1.0 if p.greedy else p.temperature,
+                float(p.top_k if p.top_k > 0 else vocab),
+                p.top_p,
+                1.0 if p.greedy else 0.0,
+            )
+            for p in params
+        ],
+        dtype=torch.float32,
+    )
+
+
 class Sampler:
     """Samples one token per row of a logits batch."""
 
@@ -47,17 +70,17 @@ class Sampler:
         if all(greedy):
             return greedy_tokens
         device, (rows, vocab) = logits.device, logits.shape
-        temperature = [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
-        scaled = logits.float() / torch.tensor(temperature, device=device).unsqueeze(1)
+        table = row_parameters(params, vocab).to(device, non_blocking=True)
+        temperature, top_k, top_p, is_greedy = table.unbind(dim=1)
+        scaled = logits.float() / temperature.unsqueeze(1)
         order: Tensor | None = None
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             scaled, order = scaled.sort(dim=-1, descending=True)
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
             ranks = torch.arange(vocab, device=device)
             scaled = scaled.masked_fill(ranks.unsqueeze(0) >= top_k.unsqueeze(1), -torch.inf)
         probs = scaled.softmax(dim=-1)
         if order is not None:
-            top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+            top_p = top_p.unsqueeze(1)
             # Keep a token while the mass ranked before it is below top_p; the first
             # token is always kept, so a tiny top_p degenerates to greedy.
             outside = (probs.cumsum(dim=-1) - probs) >= top_p
@@ -67,7 +90,7 @@ class Sampler:
         choice = (probs / noise).argmax(dim=-1)
         if order is not None:
             choice = order.gather(1, choice.unsqueeze(1)).squeeze(1)
-        return torch.where(torch.tensor(greedy, device=device), greedy_tokens, choice)
+        return torch.where(is_greedy > 0, greedy_tokens, choice)
 
     def _noise(
         self, rows: int, vocab: int, params: Sequence[SamplingParams], num_generated: Sequence[int]

@@ -181,20 +181,34 @@ def load_model(
     if quant == "int8" and (reason := int8_unavailable_reason(torch.device(device))):
         raise ValueError(reason)
     config = LlamaConfig.from_file(model_dir / "config.json")
+    state = convert_hf_state_dict(read_safetensors(model_dir, device), config)
+    return assemble_model(config, state, dtype, device, quant, max_positions)
+
+
+def assemble_model(
+    config: LlamaConfig,
+    state: Mapping[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    quant: Quant = "none",
+    max_positions: int | None = None,
+) -> LlamaForCausalLM:
+    """Build the model on the meta device and assign `state` (our parameter names,
+    already on `device`), cast to `dtype` or quantized with `quant`.
+    """
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    state = convert_hf_state_dict(read_safetensors(model_dir, device), config)
     names: list[str] = []
     if quant == "none":
-        state = {k: v.to(dtype) for k, v in state.items()}
+        weights = {k: v.to(dtype) for k, v in state.items()}
     else:
         names = quantizable_linears(model, quant)
-        state = quantize_state_dict(state, names, quant, dtype)
+        weights = quantize_state_dict(state, names, quant, dtype)
         with torch.device("meta"):
             swap_linears(model, names, quant, dtype)
     if config.tie_word_embeddings and "output" not in names:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    model.load_state_dict(weights, strict=True, assign=True)
     if quant == "int4":
         prepare_cpu_int4_kernels(model)
     elif quant == "int8":

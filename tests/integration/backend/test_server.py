@@ -173,6 +173,32 @@ def test_stop_strings_cut_the_text(backend: BackendProcess) -> None:
     assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]  # type: ignore[index]
 
 
+def test_requests_sharing_an_x_request_id_both_complete(backend: BackendProcess) -> None:
+    # Clients choose x-request-id; two in flight at once must not share an
+    # engine stream (the second would swallow the first's tokens).
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    headers = {"x-request-id": "same-id-twice"}
+
+    def one() -> dict[str, object]:
+        response = httpx.post(backend.url + CHAT, json=body, headers=headers, timeout=300)
+        assert response.status_code == 200, response.text
+        data: dict[str, object] = response.json()
+        return data
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: one(), range(2))
+    for data in (first, second):
+        assert data["usage"]["completion_tokens"] == 12  # type: ignore[index]
+        assert data["id"] == "chatcmpl-same-id-twice"
+    assert first["choices"] == second["choices"]
+
+
 def test_stats_and_metrics(backend: BackendProcess) -> None:
     chat(backend.url, "Hello there.", max_tokens=4)
     stats = httpx.get(backend.url + "/stats").json()

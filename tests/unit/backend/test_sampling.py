@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from backend.engine.request import SamplingParams  # noqa: E402
-from backend.executor.sampling import Sampler, derive_seed  # noqa: E402
+from backend.executor.sampling import Sampler, derive_seed, row_parameters  # noqa: E402
 
 VOCAB = 500
 
@@ -86,3 +86,19 @@ def test_derive_seed_is_stable_and_distinct() -> None:
     assert derive_seed(1, 0) == derive_seed(1, 0)
     assert len({derive_seed(s, n) for s in range(10) for n in range(10)}) == 100
     assert 0 <= derive_seed(2**70, 5) < 2**63
+
+
+def test_row_parameters_travel_as_one_table() -> None:
+    """All per-row parameters go to the device in one copy (one table, no host sync)."""
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_k=40, top_p=0.9),
+        SamplingParams(temperature=1.5, top_k=1),
+    ]
+    table = row_parameters(params, VOCAB)
+    assert table.dtype == torch.float32 and table.shape == (3, 4)
+    assert table.tolist() == [
+        [1.0, float(VOCAB), 1.0, 1.0],
+        [0.699999988079071, 40.0, 0.8999999761581421, 0.0],
+        [1.0, 1.0, 1.0, 1.0],  # top_k=1 is greedy
+    ]
