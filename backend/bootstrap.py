@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 
 import structlog
@@ -44,14 +45,17 @@ def build_service(config: EngineConfig) -> tuple[GenerationService, ModelRunner]
     return service, runner
 
 
-async def load_into(state: BackendState, config: EngineConfig) -> None:
-    """Load the model in a worker thread, start the engine and mark the state ready."""
+async def serve_when_loaded(
+    state: BackendState, load: Awaitable[tuple[GenerationService, dict[str, object]]]
+) -> None:
+    """Await `load` (a service and facts to log about it), start its engine and
+    mark the state ready. A backend that cannot load its model must not look
+    alive: a failed load ends the process."""
     started = time.monotonic()
     try:
-        service, runner = await asyncio.to_thread(build_service, config)
+        service, facts = await load
     except Exception:
         log.exception("model_load_failed")
-        # A backend that cannot load its model must not look alive.
         os._exit(3)
     service.engine.start()
     state.service = service
@@ -59,9 +63,21 @@ async def load_into(state: BackendState, config: EngineConfig) -> None:
     log.info(
         "backend_ready",
         seconds=round(time.monotonic() - started, 2),
-        num_kv_blocks=runner.num_blocks,
         max_model_len=service.max_model_len,
-        device=config.model.device,
-        dtype=str(runner.dtype).removeprefix("torch."),
-        quant=config.model.quant,
+        **facts,
     )
+
+
+async def load_into(state: BackendState, config: EngineConfig) -> None:
+    """Load the torch engine in a worker thread and serve it."""
+
+    async def load() -> tuple[GenerationService, dict[str, object]]:
+        service, runner = await asyncio.to_thread(build_service, config)
+        return service, {
+            "num_kv_blocks": runner.num_blocks,
+            "device": config.model.device,
+            "dtype": str(runner.dtype).removeprefix("torch."),
+            "quant": config.model.quant,
+        }
+
+    await serve_when_loaded(state, load())

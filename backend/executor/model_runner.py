@@ -138,6 +138,43 @@ def paged_metadata(
     )
 
 
+SPLIT_BELOW = 0.5
+"""A decode starts a new attention group when its context is under this
+fraction of the longest in its group."""
+MIN_GROUP = 4
+"""Fewest decodes worth a group of their own: each group costs one more
+gather and SDPA call per layer."""
+
+
+def split_by_context(
+    decodes: list[tuple[ScheduledChunk, int]],
+) -> list[list[tuple[ScheduledChunk, int]]]:
+    """Decodes in groups of similar context length, longest first.
+
+    A group is padded to its longest context, so one group for a batch whose
+    contexts run from 30 to 800 tokens would gather and attend over about
+    twice the keys that exist; splitting where the length halves keeps the
+    padding under half of each group.
+    """
+    if len(decodes) < 2 * MIN_GROUP:
+        return [decodes]
+    ordered = sorted(decodes, key=lambda member: member[0].start_pos, reverse=True)
+    groups: list[list[tuple[ScheduledChunk, int]]] = [[]]
+    longest = ordered[0][0].start_pos + 1
+    for index, member in enumerate(ordered):
+        context = member[0].start_pos + 1
+        remaining = len(ordered) - index
+        if (
+            context < longest * SPLIT_BELOW
+            and len(groups[-1]) >= MIN_GROUP
+            and remaining >= MIN_GROUP
+        ):
+            groups.append([])
+            longest = context
+        groups[-1].append(member)
+    return groups
+
+
 def prepare_batch(
     chunks: Sequence[ScheduledChunk], block_size: int, device: torch.device, paged: bool = False
 ) -> tuple[Tensor, BatchMetadata]:
@@ -166,7 +203,8 @@ def prepare_batch(
         groups: tuple[AttentionGroup, ...] = ()
         paged_meta: PagedAttentionMetadata | None = paged_metadata(chunks, block_size, device)
     else:
-        groups = tuple(_attention_group(g, block_size, device) for g in (decodes, prefills) if g)
+        members = [*split_by_context(decodes), prefills]
+        groups = tuple(_attention_group(g, block_size, device) for g in members if g)
         paged_meta = None
     meta = BatchMetadata(
         positions=_long(positions, device),

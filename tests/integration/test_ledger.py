@@ -49,7 +49,10 @@ def ledger_gateways(
 ) -> Iterator[LedgerSetup]:
     """Start gateway processes on a given Redis; returns them and their env."""
     tenants, policies = policy_dirs
-    point_at(policies, fake_upstream.url)
+    # Some tests here send deliberate 500s through the only replica: they are
+    # about records, and a burst of three must not eject it (routing tests
+    # cover ejection).
+    point_at(policies, fake_upstream.url, health={"failures_to_eject": 1000})
     started: list[GatewayProcess] = []
 
     def start(redis_url: str, count: int = 1, **settings: str) -> Any:

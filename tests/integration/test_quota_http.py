@@ -37,9 +37,12 @@ def write_tenant(tenants: Path, tenant_id: str, limits: dict[str, Any], **extra:
     (tenants / f"{tenant_id}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def point_at(policies: Path, url: str) -> None:
+def point_at(policies: Path, url: str, health: dict[str, Any] | None = None) -> None:
+    """Send the shipped `local` pool to one replica at `url`, with `health`
+    settings over the shipped ones."""
     models = yaml.safe_load((policies / "models.yaml").read_text())
     models["pools"]["local"]["replicas"] = [{"url": url, "weight": 1, "max_in_flight": 256}]
+    models["pools"]["local"]["health"].update(health or {})
     (policies / "models.yaml").write_text(yaml.safe_dump(models, sort_keys=False))
 
 

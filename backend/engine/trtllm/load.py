@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import structlog
 
 from backend.api.server import BackendState
+from backend.bootstrap import serve_when_loaded
 from backend.config import EngineConfig
 from backend.engine.trtllm.args import kv_cache_kwargs, llm_kwargs
 from backend.engine.trtllm.checkpoint import read_checkpoint, resolve_max_seq_len
@@ -60,27 +59,19 @@ def build_trtllm_service(config: EngineConfig) -> GenerationService:
 
 
 async def load_trtllm_into(state: BackendState, config: EngineConfig) -> None:
-    """Load the checkpoint, start the engine and mark the state ready.
+    """Load the checkpoint and serve it.
 
     Unlike the torch engine, the LLM is built on the event loop's own (main)
     thread, which blocks HTTP while it loads: that is where `trtllm-serve`
     and NVIDIA Dynamo build it too, and where the LLM API sets up its worker
     processes and binds its asynchronous results to the loop.
     """
-    started = time.monotonic()
-    try:
+
+    async def load() -> tuple[GenerationService, dict[str, object]]:
         service = build_trtllm_service(config)
-    except Exception:
-        log.exception("model_load_failed")
-        # A backend that cannot load its model must not look alive.
-        os._exit(3)
-    service.engine.start()
-    state.service = service
-    state.ready = True
-    log.info(
-        "backend_ready",
-        engine="tensorrt_llm",
-        seconds=round(time.monotonic() - started, 2),
-        max_model_len=service.max_model_len,
-        num_kv_blocks=service.engine.stats.num_total_blocks,
-    )
+        return service, {
+            "engine": "tensorrt_llm",
+            "num_kv_blocks": service.engine.stats.num_total_blocks,
+        }
+
+    await serve_when_loaded(state, load())

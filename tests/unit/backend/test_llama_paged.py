@@ -125,3 +125,45 @@ def test_config_parsing() -> None:
     assert windowed.max_position_embeddings == 64
     with pytest.raises(ValueError, match="model_type"):
         LlamaConfig.from_hf({**CONFIGS["llama"].to_dict(), "model_type": "gpt2"})
+
+
+def test_decodes_split_by_context_length_match_each_sequence_alone() -> None:
+    from backend.executor.model_runner import MIN_GROUP, split_by_context
+
+    _, model = _pair(CONFIGS["llama"])
+    rng = random.Random(3)
+    # Contexts from 1 to 40 tokens: long enough apart that the step splits them.
+    lengths = [40, 37, 33, 30, 21, 19, 17, 16, 9, 7, 4, 2, 1]
+    prompts = [rng.choices(range(TINY["vocab_size"]), k=n) for n in lengths]
+    shape = (96, BLOCK_SIZE, model.config.num_kv_heads, model.config.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.config.num_layers)]
+    free = iter(rng.sample(range(96), 96))
+    tables = [[next(free) for _ in range(-(-(n + 1) // BLOCK_SIZE))] for n in lengths]
+    # Fill each cache by a prefill of all but the last token, then decode the
+    # last tokens of every sequence in one step.
+    for i, (prompt, table) in enumerate(zip(prompts, tables, strict=True)):
+        if len(prompt) > 1:
+            _run(model, caches, [ScheduledChunk(f"r{i}", prompt[:-1], 0, table, True, GREEDY, 0)])
+    decodes = [
+        ScheduledChunk(f"r{i}", prompt[-1:], len(prompt) - 1, table, True, GREEDY, 0)
+        for i, (prompt, table) in enumerate(zip(prompts, tables, strict=True))
+    ]
+    groups = split_by_context([(chunk, i) for i, chunk in enumerate(decodes)])
+    assert len(groups) > 1
+    assert sorted(i for group in groups for _, i in group) == list(range(len(decodes)))
+    for group in groups:
+        assert len(group) >= MIN_GROUP
+    together = _run(model, caches, decodes)
+    for i, chunk in enumerate(decodes):
+        alone = _run(model, caches, [chunk])
+        torch.testing.assert_close(together[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_decodes_stay_in_one_group() -> None:
+    from backend.executor.model_runner import MIN_GROUP, split_by_context
+
+    chunks = [
+        (ScheduledChunk(f"r{i}", [1], n, [0] * 64, True, GREEDY, 0), i)
+        for i, n in enumerate([200, 3, 150, 1, 90][: 2 * MIN_GROUP - 1])
+    ]
+    assert split_by_context(chunks) == [chunks]
