@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--kv-cache-bytes", type=int, default=1024**3, help="KV pool size in bytes")
     size.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="element type of cached keys and values (auto: the model's dtype)",
+    )
     trt = p.add_argument_group(
         "TensorRT-LLM",
         "--engine tensorrt_llm serves a Hugging Face checkpoint folder (FP8, NVFP4 or INT4 AWQ "
@@ -174,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
             num_blocks=args.num_kv_blocks,
             cache_bytes=args.kv_cache_bytes,
             enable_prefix_caching=not args.no_prefix_caching,
+            dtype=args.kv_cache_dtype,
         ),
         trtllm=TrtllmConfig(
             tensor_parallel_size=args.tensor_parallel_size,

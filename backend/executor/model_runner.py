@@ -259,7 +259,10 @@ class ModelRunner:
         self.model = model
         self.block_size = cache_config.block_size
         block_shape = (self.block_size, config.num_kv_heads, config.head_dim)
-        bytes_per_block = 2 * config.num_layers * math.prod(block_shape) * self.dtype.itemsize
+        self.kv_dtype = (
+            self.dtype if cache_config.dtype == "auto" else TORCH_DTYPES[cache_config.dtype]
+        )
+        bytes_per_block = 2 * config.num_layers * math.prod(block_shape) * self.kv_dtype.itemsize
         self.num_blocks = cache_config.num_blocks or cache_config.cache_bytes // bytes_per_block
         if self.num_blocks < 1:
             raise ValueError("the KV cache is too small for a single block")
@@ -271,8 +274,8 @@ class ModelRunner:
         cache_shape = (num_physical, *block_shape)
         self.kv_caches: list[KVCache] = [
             (
-                zeroed_cache(cache_shape, self.dtype, self.device),
-                zeroed_cache(cache_shape, self.dtype, self.device),
+                zeroed_cache(cache_shape, self.kv_dtype, self.device),
+                zeroed_cache(cache_shape, self.kv_dtype, self.device),
             )
             for _ in range(config.num_layers)
         ]

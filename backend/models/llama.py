@@ -239,6 +239,10 @@ class Attention(nn.Module):
         q = _rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         k_cache, v_cache = cache
+        # The cache may hold a narrower type than the model computes in
+        # (`--kv-cache-dtype`): attention then runs in the cache's type.
+        kv_dtype = k_cache.dtype
+        q, k, v = q.to(kv_dtype), k.to(kv_dtype), v.to(kv_dtype)
         flat_shape = (-1, self.num_kv_heads, self.head_dim)
         k_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(flat_shape).index_copy_(0, meta.slot_mapping, v.reshape(k.shape))
@@ -249,7 +253,7 @@ class Attention(nn.Module):
             for group, mask in zip(meta.groups, masks, strict=True):
                 attended = paged_attention(q, k_cache, v_cache, group, mask)
                 out.index_copy_(0, group.token_index, attended)
-        projected: Tensor = self.wo(out.view(tokens, -1))
+        projected: Tensor = self.wo(out.view(tokens, -1).to(x.dtype))
         return projected
 
 

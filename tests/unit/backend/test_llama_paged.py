@@ -167,3 +167,29 @@ def test_a_few_decodes_stay_in_one_group() -> None:
         for i, n in enumerate([200, 3, 150, 1, 90][: 2 * MIN_GROUP - 1])
     ]
     assert split_by_context(chunks) == [chunks]
+
+
+def test_a_bfloat16_kv_cache_under_a_float32_model_stays_close() -> None:
+    # bfloat16 keeps 8 bits of mantissa: keys and values round by up to 2^-9
+    # relative, and logits move by about that much times their scale.
+    hf_model, model = _pair(CONFIGS["llama"])
+    ids = random.Random(4).choices(range(TINY["vocab_size"]), k=23)
+    with torch.inference_mode():
+        expected = hf_model(torch.tensor([ids])).logits[0]
+    shape = (NUM_BLOCKS, BLOCK_SIZE, model.config.num_kv_heads, model.config.head_dim)
+    caches = [
+        (torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape, dtype=torch.bfloat16))
+        for _ in range(model.config.num_layers)
+    ]
+    blocks = [3, 17, 8, 25, 12, 6]
+    got = [_run(model, caches, [ScheduledChunk("a", ids[:15], 0, blocks, True, GREEDY, 0)])]
+    for pos in range(15, len(ids)):
+        chunk = ScheduledChunk("a", ids[pos : pos + 1], pos, blocks, True, GREEDY, 0)
+        got.append(_run(model, caches, [chunk]))
+    logits = torch.cat(got)
+    assert logits.dtype == torch.float32
+    assert caches[0][0].dtype == torch.bfloat16
+    scale = expected.abs().max().item()
+    assert (logits - expected).abs().max().item() < 0.01 * scale
+    assert (logits - expected).abs().max().item() > 0  # the cache really was narrower
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))

@@ -234,6 +234,10 @@ def test_cli_shared_flags_map_onto_tensorrt_llm() -> None:
     [
         (["--engine", "tensorrt_llm"], "needs --model"),
         (["--engine", "tensorrt_llm", "--model", CKPT, "--quant", "fp8"], "reads the quantization"),
+        (
+            ["--engine", "tensorrt_llm", "--model", CKPT, "--kv-cache-dtype", "bfloat16"],
+            "takes the KV cache type from the checkpoint",
+        ),
         (["--tensor-parallel-size", "2"], "needs --engine tensorrt_llm"),
         (
             ["--engine", "tensorrt_llm", "--model", CKPT, "--trtllm-kv-cache-fraction", "1.5"],
