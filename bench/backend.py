@@ -450,8 +450,9 @@ def soak(args: argparse.Namespace) -> None:
         "backend-soak",
         f"""## Backend RSS under sustained load (`bench/backend.py --soak {args.soak}`)
 
-{machine}. {summary} The KV pool is allocated up front, so
-memory should stay flat once every code path has run once.
+{machine}. {summary} The KV pool is reserved up front and its
+pages are mapped as blocks first fill, so memory grows until the allocator
+has cycled through the pool and every code path has run once, then stays flat.
 
 {table}
 """,
