@@ -10,6 +10,7 @@ else the bundled SmolLM2-135M-Instruct converted to a safetensors folder.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import os
 import time
@@ -26,6 +27,7 @@ pytest.importorskip(
     reason="TensorRT-LLM is not installed: run in nvcr.io/nvidia/tensorrt-llm/release:<tag>",
 )
 
+from tests.integration.backend.test_server import chat as server_chat  # noqa: E402
 from tests.support.processes import BackendProcess  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -66,12 +68,8 @@ def backend() -> Iterator[BackendProcess]:
         proc.stop()
 
 
-def chat(url: str, content: str, **fields: object) -> dict[str, object]:
-    body = {"model": NAME, "messages": [{"role": "user", "content": content}], **fields}
-    response = httpx.post(url + CHAT, json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    data: dict[str, object] = response.json()
-    return data
+chat = functools.partial(server_chat, model=NAME)
+"""The torch engine's server tests' `chat`, asking for this engine's model."""
 
 
 def text_of(data: dict[str, object]) -> str:
