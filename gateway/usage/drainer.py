@@ -125,7 +125,11 @@ class Drainer:
         """Stop the loop, drain one last time (flushes a memory buffer), give
         up the lock, close."""
         if self._task is not None:
-            self._task.cancel()
+            # Cancel between rounds, never inside one: a round cut after its
+            # file is written but before the acknowledgement would leave its
+            # records in the store, and the final drain would write them again.
+            async with self._lock:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
