@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Awaitable
@@ -13,6 +12,7 @@ import structlog
 from backend.api.server import BackendState
 from backend.config import EngineConfig
 from backend.engine.async_engine import AsyncEngine
+from backend.engine.compute_thread import ComputeThread
 from backend.engine.core import EngineCore
 from backend.executor.model_runner import ModelRunner
 from backend.kv_cache.manager import KVCacheManager
@@ -23,8 +23,14 @@ from backend.serving.metrics import EngineMetrics
 log = structlog.get_logger(__name__)
 
 
-def build_service(config: EngineConfig) -> tuple[GenerationService, ModelRunner]:
-    """Load weights and build every engine part; blocking, call off the event loop."""
+def build_service(
+    config: EngineConfig, thread: ComputeThread | None = None
+) -> tuple[GenerationService, ModelRunner]:
+    """Load weights and build every engine part; blocking, call off the event loop.
+
+    Call it on `thread`, the compute thread the engine will then step on (see
+    `backend.engine.compute_thread` for why loading and stepping share it).
+    """
     runner = ModelRunner(config.model, config.cache, config.scheduler)
     kv = KVCacheManager(
         runner.num_blocks,
@@ -36,7 +42,7 @@ def build_service(config: EngineConfig) -> tuple[GenerationService, ModelRunner]
     scheduler_config = replace(config.scheduler, max_model_len=max_model_len)
     scheduler = Scheduler(scheduler_config, kv)
     core = EngineCore(scheduler, runner)
-    engine = AsyncEngine(core)
+    engine = AsyncEngine(core, thread=thread)
     metrics = EngineMetrics(config.model.served_names[0], lambda: engine.stats)
     service = GenerationService(
         engine, runner.tokenizer, max_model_len=max_model_len, metrics=metrics
@@ -72,7 +78,8 @@ async def load_into(state: BackendState, config: EngineConfig) -> None:
     """Load the torch engine in a worker thread and serve it."""
 
     async def load() -> tuple[GenerationService, dict[str, object]]:
-        service, runner = await asyncio.to_thread(build_service, config)
+        thread = ComputeThread()
+        service, runner = await thread.run(build_service, config, thread)
         return service, {
             "num_kv_blocks": runner.num_blocks,
             "device": config.model.device,

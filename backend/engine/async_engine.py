@@ -1,8 +1,9 @@
 """The bridge between the asyncio server and the synchronous engine core.
 
-The core runs in one dedicated thread, step after step, and is touched by no
-other thread: the event loop sends it commands through a thread-safe queue and
-receives each step's updates in one `call_soon_threadsafe` per step. This
+The core runs on one dedicated thread (a `ComputeThread`, the same one that
+loaded the model), step after step, and is touched by no other thread: the
+event loop sends it commands through a thread-safe queue and receives each
+step's updates in one `call_soon_threadsafe` per step. This
 keeps the event loop free while the model computes.
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import structlog
 
+from backend.engine.compute_thread import ComputeThread
 from backend.engine.core import EngineCore
 from backend.engine.request import Request
 from backend.scheduler.stats import SchedulerStats
@@ -44,13 +46,22 @@ class AsyncEngine:
     """Runs an `EngineCore` in a thread and streams per-request updates.
 
     The built-in torch engine; satisfies `backend.engine.protocol.Engine`.
+    `thread` is the compute thread the model was loaded on (a new one when
+    None); the engine loop runs there.
     """
 
-    def __init__(self, core: EngineCore, *, on_step: Callable[[float, int], None] | None = None):
+    def __init__(
+        self,
+        core: EngineCore,
+        *,
+        thread: ComputeThread | None = None,
+        on_step: Callable[[float, int], None] | None = None,
+    ):
         self._core = core
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestUpdate | BaseException]] = {}
-        self._thread: threading.Thread | None = None
+        self._compute = thread or ComputeThread()
+        self._running: Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats: SchedulerStats = core.scheduler.stats()
         self._on_step = on_step
@@ -64,19 +75,19 @@ class AsyncEngine:
     @property
     def healthy(self) -> bool:
         """False once the engine thread has died."""
-        return self._failure is None and self._thread is not None and self._thread.is_alive()
+        return self._failure is None and self._running is not None and not self._running.done()
 
     def start(self) -> None:
-        """Start the engine thread; call from inside the running event loop."""
+        """Start the engine loop on its thread; call from inside the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
-        self._thread.start()
+        self._running = self._compute.submit(self._run)
 
     async def stop(self) -> None:
-        """Ask the engine thread to finish and wait for it."""
+        """Ask the engine loop to finish, wait for it (up to 10 s), free the thread."""
         self._commands.put(None)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+        if self._running is not None:
+            await asyncio.to_thread(wait, [self._running], 10.0)
+        self._compute.shutdown()
 
     def abort(self, request_id: str) -> None:
         """Abort a request by id on the next step; unknown ids are ignored."""
