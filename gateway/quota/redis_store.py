@@ -1,12 +1,17 @@
 """The Redis quota store: shared by any number of gateway replicas.
 
 Each admit, settle, release and renew is one Lua script, so it is atomic
-against every other replica; scripts run by EVALSHA and are loaded on a
-NOSCRIPT reply (redis-py's `Script`). Time inside the scripts is the Redis
-server's `TIME`, never a gateway's clock, so replicas agree on the sliding
-windows and lease expiries. Calendar periods need the tenant's time zone,
-which Lua cannot do: the gateway sends the day (and month) before, around and
-after its own clock, and the script charges the one that contains Redis time.
+against every other replica; scripts run by EVALSHA on the store's own
+connections, and are sent whole (EVAL) on a NOSCRIPT reply
+(`gateway.quota.redis_wire`). An admit is one round trip: what it sends for
+a tenant's scopes is encoded once per calendar period (`_AdmitPlan`), and
+its script reads a scope's counters with one MGET and sets each new total
+with its expiry in one SET (each command a script runs costs about as much
+as what it does). Time inside the scripts is the Redis server's `TIME`,
+never a gateway's clock, so replicas agree on the sliding windows and lease
+expiries. Calendar periods need the tenant's time zone, which Lua cannot
+do: the gateway sends the day (and month) before, around and after its own
+clock, and the script charges the one that contains Redis time.
 
 Keys, all under the tenant's hash tag (see `gateway.quota.limits`):
 
@@ -38,9 +43,10 @@ any script) before a tenant's first record, for the drainer to find streams.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -48,6 +54,7 @@ from redis.backoff import NoBackoff
 
 from gateway.quota.limits import COUNTED, WINDOW_S, Reservation, Scope, tenant_prefix
 from gateway.quota.periods import Period, PeriodCache
+from gateway.quota.redis_wire import Arg, Lane, ScriptCall, encode
 from gateway.quota.store import Admission, Figure, Lease, ScopeUsage, charged
 from gateway.usage.record import UsageEntry
 
@@ -87,18 +94,15 @@ local function member_tokens(m)
   return tonumber(string.match(m, '|(%-?%d+)$'))
 end
 
--- Drop entries admitted at or before `cutoff`, keeping the running sum exact.
-local function trim(win, sum, cutoff)
+-- Drop entries admitted at or before `cutoff`: how many, and their tokens.
+-- The caller corrects the window's sum (with the write it does anyway).
+local function drop_old(win, cutoff)
   local old = redis.call('ZRANGEBYSCORE', win, '-inf', cutoff)
-  if #old == 0 then return end
+  if #old == 0 then return 0, 0 end
   local freed = 0
   for _, m in ipairs(old) do freed = freed + member_tokens(m) end
   redis.call('ZREMRANGEBYSCORE', win, '-inf', cutoff)
-  if redis.call('ZCARD', win) == 0 then
-    redis.call('DEL', sum)
-  else
-    redis.call('DECRBY', sum, freed)
-  end
+  return #old, freed
 end
 
 -- Settle a lease record with `actual` tokens, or refund all of it (nil).
@@ -151,11 +155,14 @@ local function reclaim(leases, expiries, now, batch, stream)
 end
 
 -- The candidate period (of three) that contains `now`: key and end (ms).
-local function pick(k, bounds, now)
-  local b = {}
-  for x in string.gmatch(bounds, '[^,]+') do b[#b + 1] = tonumber(x) end
+-- KEYS[k..k+2] are the periods, ARGV[a..a+3] their edges (ms): numbers
+-- rather than one list, as parsing a list cost more than the rest of a check.
+local function pick(k, a, now)
+  local lo = tonumber(ARGV[a])
   for j = 1, 3 do
-    if now >= b[j] and now < b[j + 1] then return KEYS[k + j - 1], b[j + 1] end
+    local hi = tonumber(ARGV[a + j])
+    if now >= lo and now < hi then return KEYS[k + j - 1], hi end
+    lo = hi
   end
   return nil, nil
 end
@@ -164,46 +171,86 @@ end
 _ADMIT = (
     _PRELUDE
     + r"""
-local leases, expiries = KEYS[1], KEYS[2]
-local lease, cost, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = now_ms(ARGV[4])
-local win_ms, n = tonumber(ARGV[5]), tonumber(ARGV[6])
-reclaim(leases, expiries, now, tonumber(ARGV[7]), KEYS[#KEYS])
+-- KEYS: leases, lease expiries, usage stream, then 9 per scope: window,
+-- window sum, concurrency, 3 candidate days, 3 candidate months.
+-- ARGV: lease, cost, now override, open record ('' = none), its day, its
+-- start; then lease TTL, window (ms), scope count, reclaim batch; then 13
+-- per scope: rpm, tpm, concurrency, day and month budgets, the 4 edges of the
+-- candidate days and the 4 of the candidate months.
+-- (What changes per request comes first: the rest is encoded once.)
+local leases, expiries, stream = KEYS[1], KEYS[2], KEYS[3]
+local lease, cost = ARGV[1], tonumber(ARGV[2])
+local now = now_ms(ARGV[3])
+local ttl, win_ms, n = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+reclaim(leases, expiries, now, tonumber(ARGV[10]), stream)
 if redis.call('HEXISTS', leases, lease) == 1 then return '2' end
+
+-- The periods first: a clock outside them fails before anything is written.
+local budgets = {}
+for i = 0, n - 1 do
+  local k, a = 3 + i * 9, 10 + i * 13
+  local found = {}
+  local specs = {{3, tonumber(ARGV[a + 4]), k + 4, a + 6},
+                 {4, tonumber(ARGV[a + 5]), k + 7, a + 10}}
+  for _, spec in ipairs(specs) do
+    if spec[2] > 0 then
+      local key, stop = pick(spec[3], spec[4], now)
+      if key == nil then return redis.error_reply('TOLLGATE clock outside the sent periods') end
+      found[#found + 1] = {spec[1], spec[2], key, stop}
+    end
+  end
+  budgets[i] = found
+end
 
 local out = {1}
 local refused = false
 local plans = {}
+-- Appends one figure; returns the index of its reset.
 local function figure(kind, i, limit, used, reset, retry, never)
-  local f = {kind, i, limit, used, reset, retry, never}
-  for _, v in ipairs(f) do out[#out + 1] = v end
+  local j = #out
+  out[j + 1], out[j + 2], out[j + 3], out[j + 4] = kind, i, limit, used
+  out[j + 5], out[j + 6], out[j + 7] = reset, retry, never
+  return j + 5
 end
 
 for i = 0, n - 1 do
-  local k, a = 2 + i * 9, 7 + i * 7
+  local k, a = 3 + i * 9, 10 + i * 13
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local day, month = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  local plan = {w = nil, s = nil, b = {}}
+  local plan = {b = {}, resets = {}, count = 0, dropped = 0, total = 0}
+  -- Every counter of the scope in one MGET: each command a script runs
+  -- costs about as much as the work it does here.
+  local reads = {}
+  local freed = 0
   if rpm > 0 or tpm > 0 then
-    local win, sum = KEYS[k + 1], KEYS[k + 2]
-    trim(win, sum, now - win_ms)
-    local count = redis.call('ZCARD', win)
-    local total = tonumber(redis.call('GET', sum) or '0')
-    local reset = 0
-    if count > 0 then
-      local newest = redis.call('ZRANGE', win, -1, -1, 'WITHSCORES')
-      reset = tonumber(newest[2]) + win_ms - now
-    end
+    plan.w = {KEYS[k + 1], KEYS[k + 2]}
+    plan.dropped, freed = drop_old(KEYS[k + 1], now - win_ms)
+    plan.count = redis.call('ZCARD', KEYS[k + 1])
+    reads[#reads + 1] = KEYS[k + 2]
+  end
+  if conc > 0 then
+    plan.s = KEYS[k + 3]
+    reads[#reads + 1] = KEYS[k + 3]
+  end
+  for _, b in ipairs(budgets[i]) do reads[#reads + 1] = b[3] end
+  local got = {}
+  if #reads > 0 then got = redis.call('MGET', unpack(reads)) end
+  local r = 1
+  if plan.w then
+    local count = plan.count
+    -- An emptied window has no sum (its key is deleted below).
+    if plan.dropped == 0 or count > 0 then plan.total = tonumber(got[r] or '0') - freed end
+    r = r + 1
     if rpm > 0 then
       local retry = -1
       if count + 1 > rpm then
         refused = true
-        local oldest = redis.call('ZRANGE', win, count - rpm, count - rpm, 'WITHSCORES')
+        local oldest = redis.call('ZRANGE', plan.w[1], count - rpm, count - rpm, 'WITHSCORES')
         retry = tonumber(oldest[2]) + win_ms - now
       end
-      figure(0, i, rpm, count, reset, retry, 0)
+      plan.resets[#plan.resets + 1] = figure(0, i, rpm, count, 0, retry, 0)
     end
     if tpm > 0 then
+      local total = plan.total
       local retry, never = -1, 0
       if total + cost > tpm then
         refused = true
@@ -211,7 +258,7 @@ for i = 0, n - 1 do
           never, retry = 1, win_ms
         else
           local excess = total + cost - tpm
-          local entries = redis.call('ZRANGE', win, 0, -1, 'WITHSCORES')
+          local entries = redis.call('ZRANGE', plan.w[1], 0, -1, 'WITHSCORES')
           for j = 1, #entries, 2 do
             excess = excess - member_tokens(entries[j])
             if excess <= 0 then
@@ -221,40 +268,54 @@ for i = 0, n - 1 do
           end
         end
       end
-      figure(1, i, tpm, total, reset, retry, never)
+      plan.resets[#plan.resets + 1] = figure(1, i, tpm, total, 0, retry, never)
     end
-    plan.w = {win, sum}
   end
-  if conc > 0 then
-    local used = tonumber(redis.call('GET', KEYS[k + 3]) or '0')
+  if plan.s then
+    local used = tonumber(got[r] or '0')
+    r = r + 1
     local retry = -1
     if used + 1 > conc then
       refused = true
       retry = 1000
     end
     figure(2, i, conc, used, 0, retry, 0)
-    plan.s = KEYS[k + 3]
   end
-  local budgets = {{3, day, k + 4, ARGV[a + 6]}, {4, month, k + 7, ARGV[a + 7]}}
-  for _, spec in ipairs(budgets) do
-    if spec[2] > 0 then
-      local key, stop = pick(spec[3], spec[4], now)
-      if key == nil then return redis.error_reply('TOLLGATE clock outside the sent periods') end
-      local used = tonumber(redis.call('GET', key) or '0')
-      local retry, never = -1, 0
-      if used + cost > spec[2] then
-        refused = true
-        retry = stop - now
-        if cost > spec[2] then never = 1 end
-      end
-      figure(spec[1], i, spec[2], used, stop - now, retry, never)
-      plan.b[#plan.b + 1] = {key, stop}
+  for _, b in ipairs(budgets[i]) do
+    local limit, key, stop = b[2], b[3], b[4]
+    local used = tonumber(got[r] or '0')
+    r = r + 1
+    local retry, never = -1, 0
+    if used + cost > limit then
+      refused = true
+      retry = stop - now
+      if cost > limit then never = 1 end
     end
+    figure(b[1], i, limit, used, stop - now, retry, never)
+    plan.b[#plan.b + 1] = {key, stop, used}
   end
   plans[#plans + 1] = plan
 end
 
 if refused then
+  for _, plan in ipairs(plans) do
+    if plan.w then
+      -- Windows reset a minute after their newest entry (only a refusal
+      -- reports it: an admitted request's window resets a minute from now).
+      if plan.count > 0 and #plan.resets > 0 then
+        local newest = redis.call('ZRANGE', plan.w[1], -1, -1, 'WITHSCORES')
+        for _, j in ipairs(plan.resets) do out[j] = tonumber(newest[2]) + win_ms - now end
+      end
+      -- Keep the sum exact after dropping old entries.
+      if plan.dropped > 0 then
+        if plan.count == 0 then
+          redis.call('DEL', plan.w[2])
+        else
+          redis.call('SET', plan.w[2], string.format('%d', plan.total), 'KEEPTTL')
+        end
+      end
+    end
+  end
   out[1] = 0
   return table.concat(out, ',')
 end
@@ -264,9 +325,9 @@ local member = lease .. '|' .. cost
 for _, plan in ipairs(plans) do
   if plan.w then
     redis.call('ZADD', plan.w[1], now, member)
-    redis.call('INCRBY', plan.w[2], cost)
     redis.call('PEXPIRE', plan.w[1], win_ms + 1000)
-    redis.call('PEXPIRE', plan.w[2], win_ms + 1000)
+    -- The new sum and its expiry in one command (read above, in this script).
+    redis.call('SET', plan.w[2], string.format('%d', plan.total + cost), 'PX', win_ms + 1000)
     rec.w[#rec.w + 1] = plan.w
   end
   if plan.s then
@@ -274,15 +335,14 @@ for _, plan in ipairs(plans) do
     rec.s[#rec.s + 1] = plan.s
   end
   for _, b in ipairs(plan.b) do
-    redis.call('INCRBY', b[1], cost)
-    -- Relative expiry, a day past the period's end: garbage collection only.
-    redis.call('PEXPIRE', b[1], b[2] - now + 86400000)
+    -- The new total with a relative expiry a day past the period's end
+    -- (garbage collection only), in one command.
+    redis.call('SET', b[1], string.format('%d', b[3] + cost), 'PX', b[2] - now + 86400000)
     rec.b[#rec.b + 1] = b[1]
   end
 end
-local open = ARGV[#ARGV - 2]
-if open ~= '' then
-  rec.u, rec.ud, rec.t0 = open, ARGV[#ARGV - 1], ARGV[#ARGV]
+if ARGV[4] ~= '' then
+  rec.u, rec.ud, rec.t0 = ARGV[4], ARGV[5], ARGV[6]
 end
 redis.call('HSET', leases, lease, cjson.encode(rec))
 redis.call('ZADD', expiries, now + ttl, lease)
@@ -351,8 +411,8 @@ local entries = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - win_ms), '+in
 local tokens = 0
 for _, m in ipairs(entries) do tokens = tokens + member_tokens(m) end
 local conc = tonumber(redis.call('GET', KEYS[2]) or '0')
-local day_key = pick(3, ARGV[3], now)
-local month_key = pick(6, ARGV[4], now)
+local day_key = pick(3, 3, now)
+local month_key = pick(6, 7, now)
 local day = tonumber(redis.call('GET', day_key) or '0')
 local month = tonumber(redis.call('GET', month_key) or '0')
 return {#entries, tokens, conc, day, month}
@@ -360,25 +420,32 @@ return {#entries, tokens, conc, day, month}
 )
 
 
-def _bounds_ms(periods: tuple[Period, Period, Period]) -> str:
+def _bounds_ms(periods: tuple[Period, Period, Period]) -> list[Arg]:
+    """The four edges (ms) of three consecutive periods, for `pick`."""
     edges = [periods[0].start_s, periods[0].end_s, periods[1].end_s, periods[2].end_s]
-    return ",".join(str(round(edge * 1000)) for edge in edges)
+    return [round(edge * 1000) for edge in edges]
 
 
-def _period_keys(scope: Scope, unit: str, periods: tuple[Period, Period, Period]) -> list[str]:
+def _period_keys(scope: Scope, unit: str, periods: tuple[Period, Period, Period]) -> list[Arg]:
     return [f"{scope.key}:{unit}:{p.label}" for p in periods]
 
 
 MAX_CONNECTIONS = 256
-"""Redis connections per gateway process. A burst waits for a free one
-(within the timeout) instead of failing: a pool that refuses connections
-would trip the breaker and turn a burst into 503s."""
+"""Redis connections per gateway process for the scripts (and as many for
+other commands). A burst waits for a free one (within the timeout) instead
+of failing: a pool that refuses connections would trip the breaker and turn
+a burst into 503s."""
+
+PLAN_CACHE_SIZE = 4096
+"""Encoded admit plans kept per process (one per tenant and set of scopes);
+past this the cache starts over, which costs a few microseconds per plan."""
 
 
 def connect(url: str, *, timeout_s: float) -> Redis:
     """A client with short socket timeouts and no retries: the breaker, not
     the client, decides what to do when Redis is slow or gone (and a retried
-    admit must never be charged twice)."""
+    admit must never be charged twice). The store runs its scripts on
+    connections of its own with the same settings (`redis_wire.Lane`)."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
@@ -392,6 +459,26 @@ def connect(url: str, *, timeout_s: float) -> Redis:
     return Redis(connection_pool=pool)
 
 
+@dataclass(frozen=True, slots=True)
+class _AdmitPlan:
+    """What an admit sends that is the same for every request of one tenant
+    and set of scopes until a day or month of theirs ends: the keys and the
+    limits, encoded once. Only lease, cost, clock and record vary."""
+
+    since_s: float
+    until_s: float
+    """The plan holds for local clocks in [since_s, until_s)."""
+    keys: bytes
+    """`numkeys` and the keys."""
+    limits: bytes
+    """The arguments after the per-request ones."""
+    parts: int
+    """Bulk strings in `keys` and `limits` together."""
+
+
+_PER_REQUEST_ARGS = 6
+
+
 class RedisQuotaStore:
     """`QuotaStore` on Redis (one server, Sentinel, or Cluster by hash tag)."""
 
@@ -403,16 +490,20 @@ class RedisQuotaStore:
         clock: Callable[[], float] | None = None,
     ) -> None:
         """`clock` is for tests only: when given, the scripts use it instead of
-        Redis `TIME`, so windows and calendars can be tested without waiting."""
+        Redis `TIME`, so windows and calendars can be tested without waiting.
+        Scripts run on connections like `client`'s, kept by the store."""
         self._client = client
+        pool = client.connection_pool
+        self._lane = Lane(pool, max_connections=min(pool.max_connections, MAX_CONNECTIONS))
         self._ttl_ms = round(lease_ttl_s * 1000)
         self._clock = clock
-        self._admit = client.register_script(_ADMIT)
-        self._finish = client.register_script(_FINISH)
-        self._renew = client.register_script(_RENEW)
-        self._peek = client.register_script(_PEEK)
-        self._sweep = client.register_script(_SWEEP)
+        self._admit = ScriptCall(_ADMIT)
+        self._finish = ScriptCall(_FINISH)
+        self._renew = ScriptCall(_RENEW)
+        self._peek = ScriptCall(_PEEK)
+        self._sweep = ScriptCall(_SWEEP)
         self._periods = PeriodCache()
+        self._plans: dict[tuple[str, tuple[Scope, ...]], _AdmitPlan] = {}
         self._registered: dict[str, float] = {}
 
     def _now(self) -> float:
@@ -421,42 +512,75 @@ class RedisQuotaStore:
     def _now_arg(self) -> str:
         return "" if self._clock is None else str(round(self._clock() * 1000))
 
-    async def admit(self, reservation: Reservation) -> Admission:
-        """See `QuotaStore.admit`."""
+    def _plan(self, reservation: Reservation, local_now: float) -> _AdmitPlan:
+        """The cached plan for the reservation's tenant and scopes, or a new one."""
+        cache_key = (reservation.tenant_id, reservation.scopes)
+        plan = self._plans.get(cache_key)
+        if plan is not None and plan.since_s <= local_now < plan.until_s:
+            return plan
         prefix = tenant_prefix(reservation.tenant_id)
-        keys: list[str] = [prefix + "leases", prefix + "lease_exp"]
-        args: list[Any] = [
-            reservation.lease_id,
-            reservation.tokens,
+        keys: list[Arg] = [
+            prefix + "leases",
+            prefix + "lease_exp",
+            usage_stream(reservation.tenant_id),
+        ]
+        limits: list[Arg] = [
             self._ttl_ms,
-            self._now_arg(),
             round(WINDOW_S * 1000),
             len(reservation.scopes),
             RECLAIM_BATCH,
         ]
-        local_now = self._now()
+        since, until = -math.inf, math.inf
         for scope in reservation.scopes:
             days = self._periods.around("day", local_now, scope.time_zone)
             months = self._periods.around("month", local_now, scope.time_zone)
+            since = max(since, days[1].start_s, months[1].start_s)
+            until = min(until, days[1].end_s, months[1].end_s)
             keys += [scope.key + ":win", scope.key + ":win:sum", scope.key + ":conc"]
             keys += _period_keys(scope, "day", days) + _period_keys(scope, "month", months)
-            args += [
+            limits += [
                 scope.requests_per_minute or 0,
                 scope.tokens_per_minute or 0,
                 scope.max_concurrent or 0,
                 scope.tokens_per_day or 0,
                 scope.tokens_per_month or 0,
-                _bounds_ms(days),
-                _bounds_ms(months),
+                *_bounds_ms(days),
+                *_bounds_ms(months),
             ]
+        plan = _AdmitPlan(
+            since,
+            until,
+            encode(len(keys), *keys),
+            encode(*limits),
+            1 + len(keys) + len(limits),
+        )
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[cache_key] = plan
+        return plan
+
+    async def admit(self, reservation: Reservation) -> Admission:
+        """See `QuotaStore.admit`: one script, one round trip (two, once a
+        minute per tenant, to register the tenant's usage stream first)."""
+        plan = self._plan(reservation, self._now())
         usage = reservation.usage
         if usage is not None:
             await self._register(reservation.tenant_id)
-            args += [usage.data, usage.day, usage.started_ms]
+            varying = encode(
+                reservation.lease_id,
+                reservation.tokens,
+                self._now_arg(),
+                usage.data,
+                usage.day,
+                usage.started_ms,
+            )
         else:
-            args += ["", "", 0]
-        keys.append(usage_stream(reservation.tenant_id))
-        reply: bytes = await self._admit(keys=keys, args=args)
+            varying = encode(reservation.lease_id, reservation.tokens, self._now_arg(), "", "", 0)
+        reply: bytes = await self._lane.script(
+            self._admit,
+            b"".join((plan.keys, varying, plan.limits)),
+            plan.parts + _PER_REQUEST_ARGS,
+        )
         raw = [int(v) for v in reply.split(b",")]
         lease = Lease(reservation.tenant_id, reservation.lease_id, reservation.tokens)
         status = raw[0]
@@ -479,16 +603,17 @@ class RedisQuotaStore:
 
     async def _run_finish(self, lease: Lease, actual: str, usage: UsageEntry | None) -> bool:
         prefix = tenant_prefix(lease.tenant_id)
-        args: list[Any] = [lease.lease_id, actual]
+        args: list[Arg] = [lease.lease_id, actual]
         if usage is None:
             args += ["", "", "0", "0"]
         else:
             await self._register(lease.tenant_id)
             only = "1" if usage.only_if_known else "0"
             args += [usage.day, usage.data, only, "1" if usage.check else "0"]
-        done = await self._finish(
-            keys=[prefix + "leases", prefix + "lease_exp", usage_stream(lease.tenant_id)],
-            args=args,
+        done = await self._lane.call(
+            self._finish,
+            [prefix + "leases", prefix + "lease_exp", usage_stream(lease.tenant_id)],
+            args,
         )
         return bool(done)
 
@@ -514,9 +639,11 @@ class RedisQuotaStore:
         reclaimed = 0
         for tenant_id in await registered_tenants(self._client):
             prefix = tenant_prefix(tenant_id)
-            keys = [prefix + "leases", prefix + "lease_exp", usage_stream(tenant_id)]
+            keys: list[Arg] = [prefix + "leases", prefix + "lease_exp", usage_stream(tenant_id)]
             while True:
-                done = int(await self._sweep(keys=keys, args=[self._now_arg(), RECLAIM_BATCH]))
+                done = int(
+                    await self._lane.call(self._sweep, keys, [self._now_arg(), RECLAIM_BATCH])
+                )
                 reclaimed += done
                 if done < RECLAIM_BATCH:
                     break
@@ -524,16 +651,17 @@ class RedisQuotaStore:
 
     async def renew(self, leases: Sequence[Lease]) -> int:
         """See `QuotaStore.renew` (one script per tenant)."""
-        by_tenant: dict[str, list[str]] = {}
+        by_tenant: dict[str, list[Arg]] = {}
         for lease in leases:
             by_tenant.setdefault(lease.tenant_id, []).append(lease.lease_id)
         renewed = 0
         for tenant_id, ids in by_tenant.items():
             prefix = tenant_prefix(tenant_id)
             renewed += int(
-                await self._renew(
-                    keys=[prefix + "leases", prefix + "lease_exp"],
-                    args=[self._ttl_ms, self._now_arg(), *ids],
+                await self._lane.call(
+                    self._renew,
+                    [prefix + "leases", prefix + "lease_exp"],
+                    [self._ttl_ms, self._now_arg(), *ids],
                 )
             )
         return renewed
@@ -543,11 +671,12 @@ class RedisQuotaStore:
         local_now = self._now()
         days = self._periods.around("day", local_now, scope.time_zone)
         months = self._periods.around("month", local_now, scope.time_zone)
-        keys = [scope.key + ":win", scope.key + ":conc"]
+        keys: list[Arg] = [scope.key + ":win", scope.key + ":conc"]
         keys += _period_keys(scope, "day", days) + _period_keys(scope, "month", months)
-        raw: list[int] = await self._peek(
-            keys=keys,
-            args=[self._now_arg(), round(WINDOW_S * 1000), _bounds_ms(days), _bounds_ms(months)],
+        raw: list[int] = await self._lane.call(
+            self._peek,
+            keys,
+            [self._now_arg(), round(WINDOW_S * 1000), *_bounds_ms(days), *_bounds_ms(months)],
         )
         requests, tokens, concurrent, day, month = (int(v) for v in raw)
         return ScopeUsage(requests, tokens, concurrent, day, month)
@@ -557,11 +686,13 @@ class RedisQuotaStore:
         await self._client.ping()  # type: ignore[misc]
 
     async def reset_connections(self) -> None:
-        """Drop the idle pooled connections (after a connection error)."""
+        """Drop the idle connections (after a connection error)."""
+        await self._lane.reset()
         await self._client.connection_pool.disconnect(inuse_connections=False)
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the store's connections and the client's pool."""
+        await self._lane.reset()
         await self._client.aclose()
 
 

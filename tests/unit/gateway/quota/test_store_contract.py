@@ -71,6 +71,29 @@ async def test_the_window_slides(store: QuotaStore, clock: FakeClock) -> None:
     assert not (await store.admit(ask(tenant, 1))).allowed
 
 
+async def test_a_refusal_after_the_window_moved_keeps_its_count_exact(
+    store: QuotaStore, clock: FakeClock
+) -> None:
+    # The refused admit is the one that drops the old entry from the window:
+    # what it drops must leave the window's token count too.
+    tenant = make_tenant(limits(tokens_per_minute=100, max_concurrent=1))
+    granted(await spend(store, tenant, 30))
+    clock.advance(10)
+    held = granted(await store.admit(ask(tenant, 20)))
+    for _ in range(6):  # 51 s: the 30 leave the window, the 20 stay
+        clock.advance(8.5)
+        assert await store.renew([held]) == 1
+    refused = await store.admit(ask(tenant, 10))
+    assert only(refused, "max_concurrent") and not only(refused, "tokens_per_minute")
+    (tpm,) = [f for f in refused.figures if f.kind == "tokens_per_minute"]
+    assert tpm.used == 20
+    usage = await store.peek(scopes_for(tenant, None, "m")[0])
+    assert (usage.requests, usage.tokens, usage.concurrent) == (1, 20, 1)
+    assert await store.settle(held, 20)
+    granted(await spend(store, tenant, 80))
+    assert only(await store.admit(ask(tenant, 1)), "tokens_per_minute")
+
+
 async def test_requests_per_minute(store: QuotaStore, clock: FakeClock) -> None:
     tenant = make_tenant(limits(requests_per_minute=3))
     for _ in range(3):
