@@ -290,6 +290,10 @@ def main() -> None:
             "TOLLGATE_POLICIES_DIR": str(policies),
             "TOLLGATE_JWT_HS_SECRET": SECRET,
             "TOLLGATE_LOG_LEVEL": "info",
+            # A ledger of the run's own: the default folder would collect every
+            # run's records, and a gateway starting over many of them compacts
+            # them first (DuckDB), which skews its memory figures.
+            "TOLLGATE_LEDGER_DIR": str(work / "ledger"),
         }
         for store in args.stores.split(","):
             env = {**base_env, "TOLLGATE_STORE": store, "TOLLGATE_REDIS_URL": redis.url}

@@ -9,15 +9,15 @@ backend validates the rest and its 4xx errors are relayed as they are.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
-from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
+from gateway.api.asgi import Answer
 from gateway.api.context import CallContext, authorize, read_json_object, request_id_for
 from gateway.api.sse import SseFramer, StreamUsage, usage_from
 from gateway.api.usage import draft_for
@@ -121,9 +121,14 @@ def _log(
     )
 
 
-async def _forward(
+INFERENCE_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+"""The inference paths and their kinds: what `gateway.app.GatewayApp` serves
+without Litestar's router (``forward``)."""
+
+
+async def forward(
     request: Request[Any, Any, Any], services: Services, path: str, kind: str
-) -> Response[bytes] | Stream:
+) -> Answer:
     """Serve one inference request; whichever way it ends, its metrics and
     trace record the outcome once (a stream's when it ends)."""
     started = time.perf_counter()
@@ -135,7 +140,7 @@ async def _forward(
     except BaseException as exc:
         observer.finish(status_of(exc))
         raise
-    if not isinstance(response, Stream):
+    if response.chunks is None:
         observer.finish(200)
     return response
 
@@ -147,7 +152,7 @@ async def _serve(
     kind: str,
     request_id: str,
     observer: RequestObserver,
-) -> Response[bytes] | Stream:
+) -> Answer:
     """Authenticate, validate, route and admit the request, then `_proxy` it;
     each step is a span of the request's trace."""
     trace = observer.trace
@@ -225,7 +230,7 @@ async def _proxy(
     kind: str,
     session_id: str | None,
     observer: RequestObserver,
-) -> Response[bytes] | Stream:
+) -> Answer:
     """Queue, forward and relay an admitted request; settles `grant` when the
     response is complete (errors are finished by the caller)."""
     assert ctx.route is not None
@@ -308,9 +313,9 @@ async def _proxy(
             ttfb_s=ttfb,
             slot=slot,
         )
-        return Response(raw, media_type="application/json", headers=response_headers)
+        return Answer(response_headers, raw)
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         framer = SseFramer()
         outcome = "cancelled"
         try:
@@ -358,14 +363,10 @@ async def _proxy(
                 slot=slot,
             )
 
-    return Stream(
-        events(),
-        media_type="text/event-stream",
-        headers={**response_headers, "cache-control": "no-cache"},
-        # Runs after the response even when the stream never started (the
-        # client left first), so the request is still finished once.
-        background=BackgroundTask(observer.after_stream),
-    )
+    response_headers["cache-control"] = "no-cache"
+    # `after` runs after the response even when the stream never started
+    # (the client left first), so the request is still finished once.
+    return Answer(response_headers, chunks=events(), after=observer.after_stream)
 
 
 def _used_tokens(usage: StreamUsage) -> int | None:
@@ -380,14 +381,17 @@ def _sse_error(message: str, code: str) -> bytes:
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    """Chat completions, streamed or not."""
-    return await _forward(request, services_of(request), "/v1/chat/completions", "chat")
+    """Chat completions, streamed or not (``GatewayApp`` serves the exact path
+    itself; Litestar routes the rest, e.g. a trailing slash, here)."""
+    answer = await forward(request, services_of(request), "/v1/chat/completions", "chat")
+    return answer.to_response()
 
 
 @post("/v1/completions", status_code=200)
 async def completions(request: Request[Any, Any, Any]) -> Response[bytes] | Stream:
-    """Text completions, streamed or not."""
-    return await _forward(request, services_of(request), "/v1/completions", "text")
+    """Text completions, streamed or not (see ``chat_completions``)."""
+    answer = await forward(request, services_of(request), "/v1/completions", "text")
+    return answer.to_response()
 
 
 @get("/v1/models")

@@ -20,8 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, TypeVar
 
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from gateway.quota.limits import Reservation, Scope
 from gateway.quota.store import (
@@ -36,8 +34,6 @@ from gateway.usage.record import UsageEntry
 log = structlog.get_logger("tollgate.quota")
 T = TypeVar("T")
 State = Literal["closed", "open", "half_open"]
-
-_FAILURES = (RedisError, OSError, TimeoutError, ConnectionError)
 
 
 class CircuitBreaker:
@@ -117,9 +113,16 @@ class GuardedStore:
     """
 
     def __init__(self, inner: QuotaStore, breaker: CircuitBreaker, *, timeout_s: float) -> None:
+        # Imported here: only a remote (Redis) store is guarded, and a gateway
+        # on the memory store never loads the redis client.
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+
         self.inner = inner
         self.breaker = breaker
         self.timeout_s = timeout_s
+        self._failures = (RedisError, OSError, TimeoutError, ConnectionError)
+        self._connection_error = RedisConnectionError
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.allow():
@@ -131,10 +134,10 @@ class GuardedStore:
         try:
             async with asyncio.timeout(self.timeout_s):
                 result = await call()
-        except _FAILURES as exc:
+        except self._failures as exc:
             self.breaker.failed()
             log.warning("quota_store_error", op=what, error=type(exc).__name__)
-            if isinstance(exc, RedisConnectionError):
+            if isinstance(exc, self._connection_error):
                 # After a restart every idle pooled connection is dead; drop
                 # them together, or each would fail one probe in turn and
                 # keep the breaker open long after Redis is back.

@@ -26,7 +26,9 @@ live in one slot. App and model names may contain `:` but never `|`, so the
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from gateway.policy.compiled import Limits, TenantPolicy
 from gateway.usage.record import UsageEntry
@@ -97,6 +99,40 @@ class RequestLimits:
     max_output_tokens: int | None
 
 
+R = TypeVar("R")
+
+
+class _PerTenantMemo(Generic[R]):
+    """Remembers ``fn(tenant, app_id, model)``, a pure function of a compiled
+    (immutable) tenant: every request of a tenant would otherwise rebuild the
+    same scopes and ceilings (about 3% of the gateway's CPU per request).
+
+    Keyed by the tenant object's identity, so a policy reload (new objects)
+    is never served stale results; an entry keeps its tenant alive, so an
+    id is never reused while cached. Bounded: cleared when full.
+    """
+
+    __slots__ = ("_entries", "_fn", "_max_entries")
+
+    def __init__(
+        self, fn: Callable[[TenantPolicy, str | None, str], R], max_entries: int = 4096
+    ) -> None:
+        self._fn = fn
+        self._max_entries = max_entries
+        self._entries: dict[tuple[int, str | None, str], tuple[TenantPolicy, R]] = {}
+
+    def __call__(self, tenant: TenantPolicy, app_id: str | None, model: str) -> R:
+        key = (id(tenant), app_id, model)
+        found = self._entries.get(key)
+        if found is not None and found[0] is tenant:
+            return found[1]
+        if len(self._entries) >= self._max_entries:
+            self._entries.clear()
+        result = self._fn(tenant, app_id, model)
+        self._entries[key] = (tenant, result)
+        return result
+
+
 def tenant_prefix(tenant_id: str) -> str:
     """`tollgate:q:{tenant}:`: the prefix (and Cluster hash tag) of a tenant's keys."""
     return f"{KEY_PREFIX}{{{tenant_id}}}:"
@@ -117,8 +153,12 @@ def scopes_for(tenant: TenantPolicy, app_id: str | None, model: str) -> tuple[Sc
     """The scopes a request for `model` by `app_id` is charged against.
 
     Scopes without any counted limit are left out, so a tenant without limits
-    costs the store nothing.
+    costs the store nothing. Remembered per tenant object (`_PerTenantMemo`).
     """
+    return _scopes_memo(tenant, app_id, model)
+
+
+def _scopes(tenant: TenantPolicy, app_id: str | None, model: str) -> tuple[Scope, ...]:
     prefix = tenant_prefix(tenant.tenant_id)
     tenant_zone = _zone(tenant.limits.base.time_zone)
     found: list[Scope] = []
@@ -155,7 +195,12 @@ def scopes_for(tenant: TenantPolicy, app_id: str | None, model: str) -> tuple[Sc
 
 
 def request_limits(tenant: TenantPolicy, app_id: str | None, model: str) -> RequestLimits:
-    """Per-request ceilings for `model`: overrides replace, app and tenant both apply."""
+    """Per-request ceilings for `model`: overrides replace, app and tenant both
+    apply. Remembered per tenant object (`_PerTenantMemo`)."""
+    return _request_limits_memo(tenant, app_id, model)
+
+
+def _request_limits(tenant: TenantPolicy, app_id: str | None, model: str) -> RequestLimits:
     levels = [tenant.limits.for_model(model)]
     app_level = tenant.app_limits(app_id, model)
     if app_level is not None:
@@ -166,6 +211,10 @@ def request_limits(tenant: TenantPolicy, app_id: str | None, model: str) -> Requ
         return min(values) if values else None
 
     return RequestLimits(smallest("max_prompt_tokens"), smallest("max_output_tokens"))
+
+
+_scopes_memo = _PerTenantMemo(_scopes)
+_request_limits_memo = _PerTenantMemo(_request_limits)
 
 
 def reservation_for(

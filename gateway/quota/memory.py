@@ -81,9 +81,19 @@ class _Window:
                     return max(0.0, entry.at + WINDOW_S - now)
         return 0.0
 
+    def _forget(self, lease_id: str) -> _Entry | None:
+        # A lease is settled or released once: after that its entry only
+        # counts until it leaves the window, so the window stops indexing it
+        # and drops its id. A minute of finished requests is what a busy
+        # gateway holds here (tens of thousands), so this keeps it small.
+        entry = self.by_lease.pop(lease_id, None)
+        if entry is not None:
+            entry.lease_id = ""
+        return entry
+
     def remove(self, lease_id: str) -> None:
-        """Take a lease's entry out (refund its request and tokens)."""
-        entry = self.by_lease.get(lease_id)
+        """Take a lease's entry out (refund its request and tokens); the lease's last change."""
+        entry = self._forget(lease_id)
         if entry is not None and entry.live:
             entry.live = False
             self.count -= 1
@@ -91,8 +101,9 @@ class _Window:
             entry.tokens = 0
 
     def adjust(self, lease_id: str, delta: int) -> None:
-        """Change a lease's tokens by `delta` while it is in the window."""
-        entry = self.by_lease.get(lease_id)
+        """Settle a lease's tokens by `delta` while it is in the window; the
+        lease's last change."""
+        entry = self._forget(lease_id)
         if entry is not None and entry.live:
             entry.tokens += delta
             self.total += delta
@@ -233,13 +244,14 @@ class MemoryQuotaStore:
     def _finish(self, lease: Lease, actual_tokens: int | None, usage: UsageEntry | None) -> bool:
         tenant = self._tenants.get(lease.tenant_id)
         record = tenant.leases.pop(lease.lease_id, None) if tenant is not None else None
-        if record is None:
+        if tenant is None or record is None:
             if usage is not None and not usage.only_if_known:
                 self.usage_buffer.append(_flagged(usage))
             return False
         self._undo(record, actual_tokens)
         if usage is not None:
             self.usage_buffer.append(usage)
+        _drop_stale_expiries(tenant)
         return True
 
     def _undo(self, record: _Record, actual_tokens: int | None) -> None:
@@ -327,6 +339,15 @@ class MemoryQuotaStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+
+def _drop_stale_expiries(tenant: _Tenant) -> None:
+    """Rebuild the expiry heap once most of it is stale: a finished or renewed
+    lease leaves its entry behind until its time comes, so a minute of
+    finished requests would otherwise stay in memory. Amortized O(1)."""
+    if len(tenant.expiries) > 2 * len(tenant.leases) + 64:
+        tenant.expiries = [(r.expires_at, lease_id) for lease_id, r in tenant.leases.items()]
+        heapq.heapify(tenant.expiries)
 
 
 def _flagged(usage: UsageEntry) -> UsageEntry:

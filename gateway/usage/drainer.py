@@ -102,10 +102,17 @@ class Drainer:
             if len(batch.lines) < self.batch_size or not await self.source.acquire():
                 break
         self.drained += total
-        if self._clock() >= self._next_maintenance:
+        maintained = self._clock() >= self._next_maintenance
+        if maintained:
             self._next_maintenance = self._clock() + MAINTAIN_EVERY_S
             today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
             await asyncio.to_thread(self.ledger.maintain, today, self.retention_days)
+        if total or maintained:
+            # Between rounds an open DuckDB connection holds over 10 MB of
+            # buffers in the gateway process for nothing (measured holding
+            # 1,000 streams); reopening it costs about 10 ms of a worker
+            # thread per round, and closing it about 2 ms: off the loop too.
+            await asyncio.to_thread(self.ledger.close)
         return total
 
     async def _run(self) -> None:

@@ -158,7 +158,7 @@ class Ledger:
         return self._con
 
     def close(self) -> None:
-        """Close the DuckDB connection."""
+        """Close the DuckDB connection (the next write opens a new one)."""
         if self._con is not None:
             self._con.close()
             self._con = None

@@ -22,6 +22,7 @@ reads a batch of them as newline-delimited JSON into Parquet.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -101,7 +102,18 @@ class ReportedUsage(Protocol):
 
 def utc_day(epoch_ms: int) -> str:
     """`YYYY-MM-DD` of a Unix time in milliseconds, in UTC."""
-    return time.strftime("%Y-%m-%d", time.gmtime(epoch_ms / 1000))
+    # Unix days are exactly 86,400 s: the day number names the date.
+    return _day_name(epoch_ms // _MS_PER_DAY)
+
+
+_MS_PER_DAY = 86_400_000
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(day_number: int) -> str:
+    # Every record asks (twice); formatting the date each time cost about 1%
+    # of the gateway's CPU per request.
+    return time.strftime("%Y-%m-%d", time.gmtime(day_number * 86_400))
 
 
 def unknown_tokens(charge: ChargeUnknown, prompt_estimate: int, reserved: int) -> tuple[int, int]:

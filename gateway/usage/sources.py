@@ -22,21 +22,18 @@ import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
-
-from redis.asyncio import Redis
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.quota.memory import MemoryQuotaStore
-from gateway.quota.redis_store import (
-    USAGE_PREFIX,
-    RedisQuotaStore,
-    registered_tenants,
-    usage_stream,
-)
 from gateway.usage.ledger import Line
 
-LOCK_KEY = USAGE_PREFIX + "{drainer}:lock"
-READ_KEY = USAGE_PREFIX + "{drainer}:read"
+if TYPE_CHECKING:
+    # Imported where used at run time: a gateway on the memory store never
+    # loads the redis client (about 9 MB of RSS with its dependencies).
+    from redis.asyncio import Redis
+
+    from gateway.quota.redis_store import RedisQuotaStore
+
 READ_CHUNK = 5000
 """Entries one read script returns at most: Redis runs a script alone, so
 a bounded one keeps the quota scripts' latency low while the drainer reads."""
@@ -192,6 +189,10 @@ class RedisUsageSource:
     """The per-tenant usage streams in Redis."""
 
     def __init__(self, client: Redis, store: RedisQuotaStore, *, lock_ttl_s: float) -> None:
+        from gateway.quota.redis_store import USAGE_PREFIX
+
+        self._lock_key = USAGE_PREFIX + "{drainer}:lock"
+        self._read_key = USAGE_PREFIX + "{drainer}:read"
         self._client = client
         self._store = store
         self._token = uuid.uuid4().hex
@@ -204,7 +205,7 @@ class RedisUsageSource:
 
     async def acquire(self) -> bool:
         """See `UsageSource.acquire`."""
-        got = await self._acquire(keys=[LOCK_KEY], args=[self._token, self._lock_ttl_ms])
+        got = await self._acquire(keys=[self._lock_key], args=[self._token, self._lock_ttl_ms])
         return bool(got)
 
     async def sweep(self) -> int:
@@ -212,6 +213,8 @@ class RedisUsageSource:
         return await self._store.sweep()
 
     async def _tenants(self) -> list[str]:
+        from gateway.quota.redis_store import registered_tenants
+
         tenants = await registered_tenants(self._client)
         if tenants:
             # Start at a different tenant each time: a busy one cannot starve the rest.
@@ -221,11 +224,13 @@ class RedisUsageSource:
 
     async def read(self, limit: int) -> Batch:
         """See `UsageSource.read`."""
+        from gateway.quota.redis_store import usage_stream
+
         batch = Batch([])
         tenants = await self._tenants()
         marks: list[bytes | str | None] = []
         if tenants:
-            marks = await self._client.hmget(READ_KEY, tenants)  # type: ignore[misc]
+            marks = await self._client.hmget(self._read_key, tenants)  # type: ignore[misc]
         for tenant, mark in zip(tenants, marks, strict=True):
             if isinstance(mark, str):
                 mark = mark.encode()
@@ -257,11 +262,13 @@ class RedisUsageSource:
         for tenant, ids in batch.ids.items():
             if ids:
                 args += [tenant, ids[-1]]
-        if not await self._mark(keys=[LOCK_KEY, READ_KEY], args=args):
+        if not await self._mark(keys=[self._lock_key, self._read_key], args=args):
             raise LostLeadershipError("another drainer holds the usage lock")
 
     async def ack(self, batch: Batch) -> None:
         """See `UsageSource.ack`."""
+        from gateway.quota.redis_store import usage_stream
+
         async with self._client.pipeline(transaction=False) as pipe:
             for tenant, ids in batch.ids.items():
                 for chunk in _chunks(ids, 1000):
@@ -270,7 +277,7 @@ class RedisUsageSource:
 
     async def release(self) -> None:
         """See `UsageSource.release`."""
-        await self._release(keys=[LOCK_KEY], args=[self._token])
+        await self._release(keys=[self._lock_key], args=[self._token])
 
     async def close(self) -> None:
         """Close the drainer's own connection pool."""
