@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import statistics
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,25 @@ UPSTREAM_DELAY_MS = 20
 With an instant upstream a closed loop at concurrency 16 would saturate the
 gateway and measure its queue, not its overhead; the throughput row uses
 an instant upstream on purpose."""
+UPSTREAM_JITTER_MS = 10
+"""Above concurrency 1 the fake's delay is uniform in 20 +/- 10 ms. With a
+delay that never varies, a closed loop's clients fall into lock-step: two
+requests that collide once stay one service time apart for ever, clusters
+only grow, and soon all 16 arrive as one burst each round, so the figure
+measured is the burst's queue on one event loop (1.3-2.3 ms json and
+4.2-5.5 ms stream at concurrency 16, against 0.9-1.2 and 1.2-1.7 ms with the
+jitter, in four side-by-side runs). Model calls never take the same time
+twice. At concurrency 1 nothing can collide, and a fixed delay keeps the
+comparison precise."""
+STORE_COST_REPS = 5
+"""Alternating memory/Redis windows per concurrency for the store's cost."""
+
+
+def upstream_delay(concurrency: int) -> dict[str, float]:
+    """The fake's `x_fake` delay settings for a latency row."""
+    if concurrency == 1:
+        return {"delay_ms": UPSTREAM_DELAY_MS}
+    return {"delay_ms": UPSTREAM_DELAY_MS, "delay_jitter_ms": UPSTREAM_JITTER_MS}
 
 
 @dataclass
@@ -247,6 +267,49 @@ def measure(port: int, raw: bytes, concurrency: int, seconds: float) -> Window:
     return Window(results, measured)
 
 
+def store_cost(
+    base_env: dict[str, str], work: Path, redis_url: str, auth: dict[str, str], seconds: float
+) -> list[list[object]]:
+    """What the Redis quota store adds over the memory store, side by side:
+    a gateway on each runs at once and their windows alternate, so drift in
+    what else the machine does falls on both. Per concurrency: the median,
+    over `STORE_COST_REPS` pairs, of Redis p50 (p99) minus memory p50 (p99),
+    and the range of the p50 differences."""
+    envs = [
+        {
+            **base_env,
+            "TOLLGATE_STORE": store,
+            "TOLLGATE_REDIS_URL": redis_url,
+            "TOLLGATE_LEDGER_DIR": str(work / f"ledger-{store}"),
+        }
+        for store in ("memory", "redis")
+    ]
+    rows: list[list[object]] = []
+    with gateway(envs[0]) as memory, gateway(envs[1]) as redis:
+        for concurrency in (1, 16):
+            raw = build_request(
+                "/v1/chat/completions", body(False, upstream_delay(concurrency)), auth
+            )
+            p50s: list[float] = []
+            p99s: list[float] = []
+            for _ in range(STORE_COST_REPS):
+                m = measure(memory.port, raw, concurrency, seconds).latency_ms(False)
+                r = measure(redis.port, raw, concurrency, seconds).latency_ms(False)
+                p50s.append(percentile(r, 50) - percentile(m, 50))
+                p99s.append(percentile(r, 99) - percentile(m, 99))
+            rows.append(
+                [
+                    "json",
+                    concurrency,
+                    statistics.median(p50s),
+                    statistics.median(p99s),
+                    f"{min(p50s):.2f} to {max(p50s):.2f}",
+                ]
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def held_streams_rss(gw: GatewayProcess, token: str) -> tuple[float, int]:
     """Peak gateway RSS (MiB) while `HELD_STREAMS` streams are open at once,
     and how many of them completed with status 200."""
@@ -299,10 +362,10 @@ def main() -> None:
             env = {**base_env, "TOLLGATE_STORE": store, "TOLLGATE_REDIS_URL": redis.url}
             with gateway(env) as gw:
                 for stream in (False, True):
-                    delayed = body(stream, {"delay_ms": UPSTREAM_DELAY_MS})
-                    direct_raw = build_request("/v1/chat/completions", delayed)
-                    via_raw = build_request("/v1/chat/completions", delayed, auth)
                     for concurrency in CONCURRENCY:
+                        delayed = body(stream, upstream_delay(concurrency))
+                        direct_raw = build_request("/v1/chat/completions", delayed)
+                        via_raw = build_request("/v1/chat/completions", delayed, auth)
                         direct = measure(fake.port, direct_raw, concurrency, args.seconds)
                         via = measure(gw.port, via_raw, concurrency, args.seconds)
                         d, g = direct.latency_ms(stream), via.latency_ms(stream)
@@ -326,10 +389,13 @@ def main() -> None:
                 direct_rps = measure(
                     fake.port, build_request("/v1/chat/completions", body(False)), 64, args.seconds
                 ).rps
-                rps, own, cpu_ms = throughput(gw, token, args.seconds)
+                rps, own_p50, cpu_ms = throughput(gw, token, args.seconds)
                 peak, ok = held_streams_rss(gw, token)
-                held.append([store, direct_rps, rps, own, cpu_ms, HELD_STREAMS, ok, peak])
+                held.append([store, direct_rps, rps, own_p50, cpu_ms, HELD_STREAMS, ok, peak])
                 print(held[-1], flush=True)
+        store_rows: list[list[object]] = []
+        if set(args.stores.split(",")) >= {"memory", "redis"}:
+            store_rows = store_cost(base_env, work, redis.url, auth, min(args.seconds, 3.0))
         exact = exactness(base_env, tenants, redis.url)
         print(exact, flush=True)
     finally:
@@ -380,21 +446,14 @@ def main() -> None:
         ],
         [exact],
     )
-    store_rows = []
-    by_key = {(r[0], r[1], r[2]): r for r in rows}
-    for (store, mode, concurrency), row in by_key.items():
-        memory = by_key.get(("memory", mode, concurrency))
-        if store == "redis" and memory is not None:
-            store_rows.append(
-                [
-                    mode,
-                    concurrency,
-                    float(row[4]) - float(memory[4]),  # type: ignore[arg-type]
-                    float(row[7]) - float(memory[7]),  # type: ignore[arg-type]
-                ]
-            )
     store_table = markdown_table(
-        ["mode", "concurrency", "Redis minus memory, p50 ms", "Redis minus memory, p99 ms"],
+        [
+            "mode",
+            "concurrency",
+            "Redis minus memory, p50 ms",
+            "Redis minus memory, p99 ms",
+            f"p50 difference, range over {STORE_COST_REPS} pairs",
+        ],
         store_rows,
     )
     print(table)
@@ -409,7 +468,10 @@ def main() -> None:
 lookup, routing, the priority queue, quotas and the JSON log line on, in front
 of the fake upstream in its own process; the load generator is a third
 process. In the latency table the fake answers after {UPSTREAM_DELAY_MS} ms (a fast
-model call), so concurrency 16 is a busy gateway rather than a saturated one;
+model call; above concurrency 1, uniformly {UPSTREAM_DELAY_MS} +/- {UPSTREAM_JITTER_MS} ms, because
+with a delay that never varies a closed loop's clients fall into lock-step and
+arrive as one burst per round: see `UPSTREAM_JITTER_MS` in the script), so
+concurrency 16 is a busy gateway rather than a saturated one;
 "json" compares whole non-streaming responses, "stream" the first body bytes
 of a 16-chunk stream. Each row's direct and gateway windows ran back to back
 ({args.seconds:.0f} s each, after 1 s of warm-up). The second table measures
@@ -424,8 +486,10 @@ at least 1,500 non-streaming req/s; under 200 MB RSS holding 1,000 streams.
 
 {held_table}
 
-What the Redis quota store adds over the in-process one (gateway latency of
-the Redis rows minus the memory rows above; target at most 0.3 ms at p50):
+What the Redis quota store adds over the in-process one, measured side by
+side: a gateway on each store runs at once and their {min(args.seconds, 3.0):.0f}-s windows
+alternate, {STORE_COST_REPS} pairs per row, each pair's Redis percentile minus its memory
+percentile, median over the pairs (target at most 0.3 ms at p50):
 
 {store_table}
 

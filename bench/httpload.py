@@ -80,32 +80,19 @@ async def exchange(
 
 
 async def closed_loop(
-    port: int,
-    raw: bytes,
-    concurrency: int,
-    duration_s: float,
-    warmup_s: float = 1.0,
-    stagger_s: float = 0.0,
+    port: int, raw: bytes, concurrency: int, duration_s: float, warmup_s: float = 1.0
 ) -> tuple[list[Result], float]:
     """`concurrency` connections each sending `raw` back to back for
     `warmup_s + duration_s`; returns results after the warm-up and the
-    measured seconds.
-
-    With `stagger_s`, connection i sends its first request `i / concurrency`
-    of `stagger_s` after the start, as independent clients would. Without it
-    every connection starts at once, and against an upstream that always
-    takes the same time they stay in lock-step: each round arrives as one
-    burst, and the latency measured is mostly the burst's queue.
-    """
+    measured seconds."""
     results: list[Result] = []
     begin = time.perf_counter()
     measure_from = begin + warmup_s
     stop_at = measure_from + duration_s
 
-    async def worker(index: int) -> None:
+    async def worker() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            await asyncio.sleep(stagger_s * index / concurrency)
             while time.perf_counter() < stop_at:
                 sent = time.perf_counter()
                 result = await exchange(reader, writer, raw)
@@ -114,7 +101,7 @@ async def closed_loop(
         finally:
             writer.close()
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return results, stop_at - measure_from
 
 

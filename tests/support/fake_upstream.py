@@ -12,6 +12,9 @@ Per-request behaviour can be set with an ``x_fake`` object in the request body
 (the gateway passes unknown fields through):
 
 - ``delay_ms``: wait before sending the status line;
+- ``delay_jitter_ms``: add a uniformly random ``[-j, +j]`` to ``delay_ms``
+  (model calls never take exactly the same time, and a fixed delay keeps a
+  closed-loop load generator's clients in lock-step);
 - ``completion_tokens``: tokens to "generate" (capped by ``max_tokens``);
 - ``prompt_tokens``: the prompt token count to report (default: bytes / 4);
 - ``chunk_interval_ms``: pause between stream chunks;
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -221,6 +225,9 @@ class FakeUpstream:
         finished = False
         try:
             delay = float(fake.get("delay_ms", self.config.delay_ms))
+            jitter = float(fake.get("delay_jitter_ms", 0.0))
+            if jitter:
+                delay = max(0.0, delay + random.uniform(-jitter, jitter))
             if delay:
                 await asyncio.sleep(delay / 1000)
             status = int(fake.get("status", self.config.status))
