@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from backend.config import Quant
+from backend.executor.packed_linear import pack_linears, packing_applies
 from backend.executor.quant import (
     int8_unavailable_reason,
     prepare_cpu_int4_kernels,
@@ -213,6 +214,8 @@ def assemble_model(
         prepare_cpu_int4_kernels(model)
     elif quant == "int8":
         prepare_cpu_int8_kernels(model)
+    elif packing_applies(torch.device(device), dtype):
+        pack_linears(model)
     model.setup_rope(device, max_positions)
     model.requires_grad_(False)
     return model.eval()
