@@ -400,9 +400,7 @@ def swap_linears(
 ) -> None:
     """Step two: replace the listed `nn.Linear` modules by their quantized counterparts."""
     for name in linear_names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = parent.get_submodule(child)
+        linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear)
         has_bias = linear.bias is not None
         replacement: nn.Module
@@ -417,7 +415,7 @@ def swap_linears(
             replacement = Int8Linear(linear.in_features, linear.out_features, has_bias, dtype)
         else:
             replacement = Fp8Linear(linear.in_features, linear.out_features, has_bias, dtype)
-        setattr(parent, child, replacement)
+        model.set_submodule(name, replacement)
 
 
 def prepare_cpu_int4_kernels(model: nn.Module) -> int:
