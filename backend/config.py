@@ -59,6 +59,9 @@ class ModelConfig:
     """torch intra-op threads on CPU; None keeps torch's default."""
     cuda_graphs: bool = True
     """Replay decode steps as CUDA graphs on CUDA (with Triton); ignored on CPU."""
+    compile: bool = False
+    """Run decode steps through torch.compile on CPU (a C++ compiler is needed;
+    the first start compiles for a minute or two, later ones reuse the cache)."""
 
     def __post_init__(self) -> None:
         """Refuse a quantization the device cannot run, before anything is loaded."""

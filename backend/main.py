@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="replay decode steps as CUDA graphs (torch engine on CUDA; no effect on CPU)",
     )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run decode steps through torch.compile (torch engine on CPU; needs a C++ "
+        "compiler; the first start compiles for a minute or two, restarts reuse the cache)",
+    )
     # Engine-dependent defaults: SUPPRESS leaves the attribute unset when the
     # flag is not given, and config_from_args picks the engine's default.
     p.add_argument(
@@ -168,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
             quant=args.quant,
             num_threads=args.threads,
             cuda_graphs=args.cuda_graphs,
+            compile=args.compile,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=_or(max_num_seqs, torch_cfg.max_num_seqs),

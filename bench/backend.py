@@ -3,6 +3,7 @@
     python bench/backend.py                 # thread sweep, then the full table
     python bench/backend.py --threads 2     # skip the sweep
     python bench/backend.py --soak 600      # RSS under 10 minutes of load
+    python bench/backend.py --soak 600 --fast   # the same, serving with FAST
 
 One workload (seeded; prompts of 32-512 random tokens, outputs of 16-256
 tokens, generated to their full length) is served by:
@@ -46,8 +47,9 @@ from common import (  # type: ignore[import-not-found]
 SINGLE_REQUESTS = 12
 WARMUP_MINUTES = 2
 BATCH_REQUESTS = 64
-FAST = ("--quant", "int8", "--kv-cache-dtype", "bfloat16")
-"""Backend flags of the fastest CPU set-up, measured in rows of their own."""
+FAST = ("--compile",)
+"""Backend flags of the fastest CPU set-up, measured in rows of their own: decode
+steps through torch.compile (docs/backend.md, "Compiled decode")."""
 VOCAB_LOW, VOCAB_HIGH = 1000, 48000
 
 
@@ -369,13 +371,13 @@ def main_run(args: argparse.Namespace) -> None:
         for concurrency in (8, 32):
             scenarios.append(backend.run(works, concurrency))
             print(scenarios[-1].row(), flush=True)
-    # The fastest CPU set-up: int8 weights and a bfloat16 KV cache (quality
-    # against full precision: tests/integration/backend/test_model_reference.py).
+    # The fastest CPU set-up, with the same weights and KV cache.
     with Backend(tg_threads, args.dtype, *FAST) as backend:
         scenarios.append(backend.run(works[:SINGLE_REQUESTS], 1))
         print(scenarios[-1].row(), flush=True)
-        scenarios.append(backend.run(works, 32))
-        print(scenarios[-1].row(), flush=True)
+        for concurrency in (8, 32):
+            scenarios.append(backend.run(works, concurrency))
+            print(scenarios[-1].row(), flush=True)
     by_name = {s.name: s for s in scenarios}
     single = by_name["HF generate, one at a time"].tok_s
     static32 = by_name["HF generate, static batch 32"].tok_s
@@ -420,7 +422,8 @@ def soak(args: argparse.Namespace) -> None:
     threads = args.threads or 2
     works = workload(32, seed=3)
     machine = machine_line()
-    with Backend(threads, args.dtype) as backend:
+    flags = FAST if args.fast else ()
+    with Backend(threads, args.dtype, *flags) as backend:
         assert backend.proc.proc is not None
         pid = backend.proc.proc.pid
         with RssSampler(pid, interval_s=1.0) as rss:
@@ -434,6 +437,7 @@ def soak(args: argparse.Namespace) -> None:
         for t, mib in rss.samples:
             minutes.setdefault(int((t - t0) // 60), []).append(mib)
     rows = [[m + 1, min(v), max(v)] for m, v in sorted(minutes.items())]
+    fast = " --fast" if args.fast else ""
     # The allocator settles while every batch shape runs once; compare the
     # end with the end of the warm-up.
     warm = minutes[min(WARMUP_MINUTES, max(minutes)) - 1] if max(minutes) else minutes[0]
@@ -448,11 +452,12 @@ def soak(args: argparse.Namespace) -> None:
     print(summary)
     write_section(
         "backend-soak",
-        f"""## Backend RSS under sustained load (`bench/backend.py --soak {args.soak}`)
+        f"""## Backend RSS under sustained load (`bench/backend.py --soak {args.soak}{fast}`)
 
-{machine}. {summary} The KV pool is reserved up front and its
-pages are mapped as blocks first fill, so memory grows until the allocator
-has cycled through the pool and every code path has run once, then stays flat.
+{machine}. Backend flags: {" ".join(flags) or "none (defaults)"}. {summary}
+The KV pool is reserved up front and its pages are mapped as blocks first
+fill, so memory grows until the allocator has cycled through the pool and
+every code path has run once, then stays flat.
 
 {table}
 """,
@@ -465,6 +470,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="skip the sweep, use this many")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--soak", type=int, default=0, help="seconds of sustained load")
+    parser.add_argument("--fast", action="store_true", help="soak the fastest set-up (FAST)")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)

