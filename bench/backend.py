@@ -451,7 +451,7 @@ def soak(args: argparse.Namespace) -> None:
     )
     print(summary)
     write_section(
-        "backend-soak",
+        "backend-soak-fast" if args.fast else "backend-soak",
         f"""## Backend RSS under sustained load (`bench/backend.py --soak {args.soak}{fast}`)
 
 {machine}. Backend flags: {" ".join(flags) or "none (defaults)"}. {summary}

@@ -5,7 +5,7 @@ between its linears, and on a CPU each costs microseconds of dispatch: at
 batch 1 that overhead is a third of the step. Inductor fuses the norms,
 RoPE, casts and residual adds into a few C++ loops, and its C++ wrapper
 (`cpp_wrapper`) calls the whole graph without going back to Python between
-kernels; the bundled model's batch-1 step went from about 25 to 17.5 ms on a
+kernels; the bundled model's batch-1 step went from about 25 to 18.5 ms on a
 Xeon with AMX (docs/backend.md, "Compiled decode").
 
 What runs compiled: decode-only steps whose sequences form one attention
