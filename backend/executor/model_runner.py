@@ -327,16 +327,17 @@ class ModelRunner:
                         return logits
                     rows = [i for i, c in enumerate(chunks) if c.sample]
                     return logits.index_select(0, _long(rows, self.device))
-            compiled = self.compiled is not None and all(len(c.token_ids) == 1 for c in chunks)
+            decode_only = all(len(c.token_ids) == 1 for c in chunks)
+            compiled = self.compiled if decode_only else None
             input_ids, meta = prepare_batch(
                 chunks,
                 self.block_size,
                 self.device,
                 paged=self.paged_kernel,
-                min_blocks=MIN_CONTEXT_BLOCKS if compiled else 1,
+                min_blocks=MIN_CONTEXT_BLOCKS if compiled is not None else 1,
             )
-            if compiled and self.compiled is not None and len(meta.groups) == 1:
-                return self.compiled(input_ids, meta, self.kv_caches)
+            if compiled is not None and len(meta.groups) == 1:
+                return compiled(input_ids, meta, self.kv_caches)
             out: Tensor = self.model(input_ids, meta, self.kv_caches)
             return out
 
@@ -369,6 +370,9 @@ class ModelRunner:
         n = min(2 * self.block_size, self.max_model_len - 1)
         blocks = list(range(min(self.num_blocks, math.ceil((n + 1) / self.block_size))))
         if len(blocks) * self.block_size < n + 1:
+            # Too small a pool to warm up in: compiling at the first request
+            # instead would stall it, so decode runs eagerly.
+            self.compiled = None
             return
         params = SamplingParams(max_tokens=1, temperature=0.0)
         prefill = ScheduledChunk("warmup", [0] * n, 0, blocks, True, params, 0)

@@ -136,3 +136,17 @@ def test_a_failed_compile_leaves_the_runner_serving_eagerly(
     _prefill(eager, [12])
     out = eager.execute(SchedulerOutput(chunks=_decodes([12])))
     assert list(out.sampled) == ["r0"]
+
+
+def test_a_pool_too_small_to_warm_up_in_serves_eagerly() -> None:
+    model = build_synthetic_model(tiny_llama_config(), torch.float32, CPU, max_positions=512)
+    small = ModelRunner(
+        ModelConfig(device="cpu", compile=True),
+        CacheConfig(block_size=BLOCK, num_blocks=1),
+        SchedulerConfig(max_model_len=512),
+        model=model,
+    )
+    assert small.compiled is not None
+    small.warmup()
+    # Compiling at the first request would stall it for the whole compile.
+    assert small.compiled is None
