@@ -327,8 +327,9 @@ class ModelRunner:
                         return logits
                     rows = [i for i, c in enumerate(chunks) if c.sample]
                     return logits.index_select(0, _long(rows, self.device))
-            decode_only = all(len(c.token_ids) == 1 for c in chunks)
-            compiled = self.compiled if decode_only else None
+            compiled = self.compiled
+            if compiled is not None and any(len(c.token_ids) != 1 for c in chunks):
+                compiled = None
             input_ids, meta = prepare_batch(
                 chunks,
                 self.block_size,
