@@ -48,8 +48,12 @@ SINGLE_REQUESTS = 12
 WARMUP_MINUTES = 2
 BATCH_REQUESTS = 64
 FAST = ("--compile",)
-"""Backend flags of the fastest CPU set-up, measured in rows of their own: decode
-steps through torch.compile (docs/backend.md, "Compiled decode")."""
+"""Backend flags of the fastest CPU set-up measured: decode steps through
+torch.compile (docs/backend.md, "Compiled decode")."""
+INT4 = ("--quant", "int4", "--compile")
+"""The bundled checkpoint in its own 4-bit format (GGUF Q4_1, groups of 32:
+int4 with groups of 32 holds exactly its weights, see
+tests/integration/backend/test_model_reference.py), compiled."""
 VOCAB_LOW, VOCAB_HIGH = 1000, 48000
 
 
@@ -371,19 +375,18 @@ def main_run(args: argparse.Namespace) -> None:
         for concurrency in (8, 32):
             scenarios.append(backend.run(works, concurrency))
             print(scenarios[-1].row(), flush=True)
-    # The fastest CPU set-up, with the same weights and KV cache.
-    with Backend(tg_threads, args.dtype, *FAST) as backend:
-        scenarios.append(backend.run(works[:SINGLE_REQUESTS], 1))
-        print(scenarios[-1].row(), flush=True)
-        for concurrency in (8, 32):
-            scenarios.append(backend.run(works, concurrency))
+    for flags in (FAST, INT4):
+        with Backend(tg_threads, args.dtype, *flags) as backend:
+            scenarios.append(backend.run(works[:SINGLE_REQUESTS], 1))
             print(scenarios[-1].row(), flush=True)
+            for concurrency in (8, 32):
+                scenarios.append(backend.run(works, concurrency))
+                print(scenarios[-1].row(), flush=True)
     by_name = {s.name: s for s in scenarios}
     single = by_name["HF generate, one at a time"].tok_s
     static32 = by_name["HF generate, static batch 32"].tok_s
-    fast = f" ({' '.join(FAST)})"
     rows = []
-    for label in ("", fast):
+    for label in ("", f" ({' '.join(FAST)})", f" ({' '.join(INT4)})"):
         c1 = by_name[f"Tollgate backend{label}, concurrency 1"].tok_s
         c32 = by_name[f"Tollgate backend{label}, concurrency 32"].tok_s
         rows += [
