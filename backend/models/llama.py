@@ -200,7 +200,7 @@ def paged_attention(
     Query heads that share a KV head are folded into the query length so K/V are
     never repeated: `q` becomes `[B, kv_heads, groups * Q, head_dim]`.
     """
-    batch, q_len, _ = group.mask.shape
+    batch, q_len, ctx = group.mask.shape
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     heads = q.shape[1]
     rep = heads // kv_heads
@@ -208,12 +208,9 @@ def paged_attention(
     qg = qg.permute(0, 2, 3, 1, 4).reshape(batch, kv_heads, rep * q_len, head_dim)
     # index_select copies whole contiguous blocks; advanced indexing with the 2-D
     # table goes element by element and costs 2-3x more on CPU.
-    # The context length is left for `view` to infer from the gathered blocks:
-    # spelled as the mask's last dimension, torch.compile could only prove the
-    # two equal by fixing the block-table width (backend/executor/compiled_decode.py).
     blocks = group.block_tables.view(-1)
-    k = k_cache.index_select(0, blocks).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, blocks).view(batch, -1, kv_heads, head_dim).transpose(1, 2)
+    k = k_cache.index_select(0, blocks).view(batch, ctx, kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, blocks).view(batch, ctx, kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
     out = out.view(batch, kv_heads, rep, q_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch * q_len, heads, head_dim).index_select(0, group.pad_index)
