@@ -4,6 +4,7 @@
     python bench/backend.py --threads 2     # skip the sweep
     python bench/backend.py --soak 600      # RSS under 10 minutes of load
     python bench/backend.py --soak 600 --fast   # the same, serving with FAST
+    python bench/backend.py --c1            # concurrency 1 only, set-ups in C1_SETUPS
 
 One workload (seeded; prompts of 32-512 random tokens, outputs of 16-256
 tokens, generated to their full length) is served by:
@@ -54,6 +55,8 @@ INT4 = ("--quant", "int4", "--compile")
 """The bundled checkpoint in its own 4-bit format (GGUF Q4_1, groups of 32:
 int4 with groups of 32 holds exactly its weights, see
 tests/integration/backend/test_model_reference.py), compiled."""
+C1_SETUPS: tuple[tuple[str, ...], ...] = ((), ("--quant", "int4"))
+"""What `--c1` measures at concurrency 1 against one-at-a-time `generate`."""
 VOCAB_LOW, VOCAB_HIGH = 1000, 48000
 
 
@@ -420,6 +423,44 @@ Thread count per system, chosen by measurement (short runs, tokens/s):
     )
 
 
+def c1_run(args: argparse.Namespace) -> None:
+    """One-at-a-time `generate` and the backend at concurrency 1, side by side."""
+    threads = args.threads or 2
+    machine = machine_line()
+    works = workload(BATCH_REQUESTS)[:SINGLE_REQUESTS]
+    hf = run_hf(threads, args.dtype, 1, SINGLE_REQUESTS)
+    print(hf.row(), flush=True)
+    scenarios, rows = [hf], []
+    for flags in C1_SETUPS:
+        with Backend(threads, args.dtype, *flags) as backend:
+            scenarios.append(backend.run(works, 1))
+        print(scenarios[-1].row(), flush=True)
+        label = f" ({' '.join(flags)})" if flags else ""
+        rows.append(
+            [
+                f"Tollgate{label} c1 / HF one at a time",
+                f"{scenarios[-1].tok_s / hf.tok_s:.2f}x",
+                ">= 2x",
+            ]
+        )
+    table = markdown_table(HEADERS, [s.row() for s in scenarios])
+    ratios = markdown_table(["ratio", "measured", "target"], rows)
+    print(table)
+    print(ratios)
+    write_section(
+        "backend-c1",
+        f"""## Concurrency 1 against `generate` (`bench/backend.py --c1`)
+
+{machine}. The workload, dtype ({_resolved(args.dtype)}) and {threads} threads of the
+main run above, its first {SINGLE_REQUESTS} requests one at a time.
+
+{table}
+
+{ratios}
+""",
+    )
+
+
 def soak(args: argparse.Namespace) -> None:
     """Concurrency-32 load for `args.soak` seconds; RSS sampled throughout."""
     threads = args.threads or 2
@@ -474,6 +515,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--soak", type=int, default=0, help="seconds of sustained load")
     parser.add_argument("--fast", action="store_true", help="soak the fastest set-up (FAST)")
+    parser.add_argument(
+        "--c1", action="store_true", help="only concurrency 1 against one-at-a-time generate"
+    )
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
@@ -483,6 +527,8 @@ def main() -> None:
         print(json.dumps(hf_worker(args.threads, args.dtype, args.batch, args.count, args.sweep)))
     elif args.soak:
         soak(args)
+    elif args.c1:
+        c1_run(args)
     else:
         main_run(args)
 

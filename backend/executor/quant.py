@@ -14,7 +14,9 @@ weights out for torch's fused int4 CPU matmul (`_weight_int4pack_mm_for_cpu`, wh
 computes `(q - 8) * scale + zero`, hence `zero = min + 8 * scale`). Its cost grows
 with the number of rows while dequantizing is a fixed cost, so it serves batches of
 up to `CPU_INT4_KERNEL_MAX_ROWS` tokens (decode steps: about 15x faster per layer at
-one row) and larger batches (prefill) dequantize. Its float32 variant is far slower
+one row) and larger batches (prefill) dequantize, except on CPUs with native
+bfloat16, where prefill multiplies by a dequantized copy prepacked for oneDNN at
+load time (the weight's bfloat16 bytes in memory, once). Its float32 variant is far slower
 for many rows and is not used.
 
 `fp8`: `float8_e4m3fn` weights with one float32 scale per output channel
@@ -93,6 +95,7 @@ from backend.executor.kernels.fp8_matmul import (
     scaled_mm_supported,
 )
 from backend.executor.kernels.int4_matmul import int4_matmul
+from backend.executor.packed_linear import packing_applies
 
 QuantScheme = Literal["int4", "fp8", "int8"]
 INT4_GROUP_SIZES = (32, 64)
@@ -218,6 +221,9 @@ class Int4Linear(nn.Module):
         self.compute_dtype = dtype
         self.kernel_weight: Tensor | None = None
         self.kernel_scales_and_zeros: Tensor | None = None
+        self.prefill_weight: Tensor | None = None
+        """The dequantized weight prepacked for oneDNN (bfloat16 CPUs only), for
+        batches above `CPU_INT4_KERNEL_MAX_ROWS`."""
 
     def prepare_cpu_kernel(self) -> bool:
         """Lay the weight out for torch's fused CPU int4 matmul; False when unsupported."""
@@ -233,6 +239,11 @@ class Int4Linear(nn.Module):
         except (AttributeError, RuntimeError):
             return False
         self.kernel_weight, self.kernel_scales_and_zeros = weight, scales_and_zeros
+        if packing_applies(self.packed.device, self.compute_dtype):
+            # Prefill would otherwise dequantize the whole weight on every call;
+            # a prepacked bfloat16 copy costs the weight's bf16 bytes once.
+            dense = dequantize_int4(self.packed, self.scales, self.mins, self.compute_dtype)
+            self.prefill_weight = torch.ops.mkldnn._reorder_linear_weight(dense, None)
         return True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -251,6 +262,11 @@ class Int4Linear(nn.Module):
             )
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if self.prefill_weight is not None and x.dtype == self.compute_dtype:
+            out: Tensor = torch.ops.mkldnn._linear_pointwise(
+                flat, self.prefill_weight, self.bias, "none", [], ""
+            )
+            return out.view(*x.shape[:-1], self.out_features)
         weight = dequantize_int4(self.packed, self.scales, self.mins, x.dtype)
         return F.linear(x, weight, self.bias)
 
