@@ -45,6 +45,17 @@ def _packed_linear_shape(
     return x.new_empty(x.shape[0], out_features)
 
 
+def prepacked_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """`x @ weight.T + bias` for a 2-D `x` and a `_reorder_linear_weight` weight;
+    through the custom op while `torch.compile` traces, directly otherwise (where
+    the custom op's dispatch would only add overhead)."""
+    if torch.compiler.is_compiling():
+        traced: Tensor = torch.ops.tollgate.packed_linear(x, packed, bias, out_features)
+        return traced
+    out: Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out
+
+
 class PackedLinear(nn.Module):
     """A bfloat16 linear whose weight is held only in oneDNN's layout."""
 
@@ -53,18 +64,15 @@ class PackedLinear(nn.Module):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
+        self.packed: Tensor
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, None))
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
         """`x @ weight.T + bias` over the last dimension."""
-        flat = x.reshape(-1, self.in_features)
-        out: Tensor
-        if torch.compiler.is_compiling():
-            out = torch.ops.tollgate.packed_linear(flat, self.packed, self.bias, self.out_features)
-        else:
-            # Eagerly the custom op's dispatch would only add overhead.
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        out = prepacked_linear(
+            x.reshape(-1, self.in_features), self.packed, self.bias, self.out_features
+        )
         return out.view(*x.shape[:-1], self.out_features)
 
 

@@ -95,7 +95,7 @@ from backend.executor.kernels.fp8_matmul import (
     scaled_mm_supported,
 )
 from backend.executor.kernels.int4_matmul import int4_matmul
-from backend.executor.packed_linear import packing_applies
+from backend.executor.packed_linear import packing_applies, prepacked_linear
 
 QuantScheme = Literal["int4", "fp8", "int8"]
 INT4_GROUP_SIZES = (32, 64)
@@ -263,9 +263,7 @@ class Int4Linear(nn.Module):
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         if self.prefill_weight is not None and x.dtype == self.compute_dtype:
-            out: Tensor = torch.ops.mkldnn._linear_pointwise(
-                flat, self.prefill_weight, self.bias, "none", [], ""
-            )
+            out = prepacked_linear(flat, self.prefill_weight, self.bias, self.out_features)
             return out.view(*x.shape[:-1], self.out_features)
         weight = dequantize_int4(self.packed, self.scales, self.mins, x.dtype)
         return F.linear(x, weight, self.bias)
