@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import structlog
 import torch
@@ -38,6 +39,8 @@ from backend.models.llama import BatchMetadata, KVCache, LlamaForCausalLM
 from backend.models.loader import cache_root
 
 log = structlog.get_logger(__name__)
+
+Stance = Literal["eager_on_recompile", "fail_on_recompile"]
 
 MIN_CONTEXT_BLOCKS = 2
 """Block-table width a compiled step is padded to, so that no traced dimension
@@ -69,6 +72,19 @@ class CompiledDecode:
         # RoPE tables never change shape.
         for tensor in (*(t for pair in caches for t in pair), model.rope_cos, model.rope_sin):
             torch._dynamo.mark_static(tensor)
+        # So do the weights, including the kernel layouts quantized linears
+        # keep as plain attributes. Left symbolic, a weight dimension equal to
+        # a warm-up dimension by chance (int4 scale groups of the bundled
+        # model's down projection: 48, a 3-block mask: 48) is tied to it, and
+        # the graph's guards then fail at every other context length.
+        for module in model.modules():
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                torch._dynamo.mark_static(tensor)
+            for value in vars(module).values():
+                if isinstance(value, Tensor):
+                    torch._dynamo.mark_static(value)
+        self.serving_stance: Stance = "eager_on_recompile"
+        """The compiler's stance after warm-up (tests set "fail_on_recompile")."""
         self._warm = False
         self.compile_seconds = 0.0
         self.graphs = 0
@@ -89,7 +105,7 @@ class CompiledDecode:
             self.graphs += counters["stats"]["unique_graphs"] - graphs
             return out
         self.steps += 1
-        with torch.compiler.set_stance("eager_on_recompile"):
+        with torch.compiler.set_stance(self.serving_stance):
             return self._forward(input_ids, meta, caches)
 
     def finish_warmup(self) -> None:
