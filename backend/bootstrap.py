@@ -84,7 +84,7 @@ async def load_into(state: BackendState, config: EngineConfig) -> None:
             "num_kv_blocks": runner.num_blocks,
             "device": config.model.device,
             "dtype": str(runner.dtype).removeprefix("torch."),
-            "quant": config.model.quant,
+            "quant": runner.quant,
         }
 
     await serve_when_loaded(state, load())

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Quant = Literal["none", "int4", "fp8", "int8"]
+WeightQuant = Literal["none", "int4", "fp8", "int8"]
+"""How a loaded model's linears are stored."""
+Quant = Literal["auto", WeightQuant]
+"""What `--quant` accepts; "auto" resolves to a `WeightQuant` at load time."""
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 EngineKind = Literal["torch", "tensorrt_llm"]
 
@@ -53,8 +56,11 @@ class ModelConfig:
     dtype: DType = "auto"
     """"auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512_BF16/AMX), else float32."""
     device: str = "cpu"
-    quant: Quant = "none"
-    """Quantized linears: int4/fp8 weight-only on any device; int8 (fbgemm) on CPU only."""
+    quant: Quant = "auto"
+    """Quantized linears: int4/fp8 weight-only on any device; int8 (fbgemm) on CPU only.
+    "auto" serves a GGUF file whose layer weights are all Q4_1 as int4 (the file's
+    own 4-bit values, exactly) where a fused int4 kernel runs, and anything else
+    unquantized (`backend.models.loader.resolve_quant`)."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None keeps torch's default."""
     cuda_graphs: bool = True
@@ -135,7 +141,7 @@ class EngineConfig:
                 "--engine tensorrt_llm needs --model: a Hugging Face checkpoint folder "
                 "(for FP8, NVFP4 or INT4 AWQ, one quantized with NVIDIA ModelOpt)"
             )
-        if self.model.quant != "none":
+        if self.model.quant not in ("auto", "none"):
             raise ValueError(
                 "--quant is for the torch engine; the tensorrt_llm engine reads the "
                 "quantization from the checkpoint (use a ModelOpt-quantized one)"

@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--quant",
-        default="none",
-        choices=["none", "int4", "fp8", "int8"],
+        default="auto",
+        choices=["auto", "none", "int4", "fp8", "int8"],
         help="quantized linear layers: int4 or fp8 weights (any device), or int8 weights "
-        "and activations through fbgemm's int8 GEMM (CPU only)",
+        "and activations through fbgemm's int8 GEMM (CPU only); auto = int4 for a GGUF "
+        "file stored as Q4_1 where a fused int4 kernel runs (bfloat16 CPU, CUDA), else none",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(

@@ -14,12 +14,14 @@ tokens, generated to their full length) is served by:
 - Tollgate's backend over HTTP (streaming completions) at concurrency 1, 8, 32.
 
 Each Hugging Face scenario runs in a child process of this script so its peak
-RSS is its own; the backend is a child too. Both run the same converted
-weights in the same dtype. Throughput counts only the tokens each request
-asked for: a padded batch that keeps decoding for its longest member does
-not get credit for the padding. Time to first token for a static batch is
-measured from the batch's start, which favours `generate` (a real server
-would add the wait for the batch in front).
+RSS is its own; the backend is a child too. Both run the same weights in the
+same dtype: `generate` the GGUF file dequantized, the backend by default
+(`--quant auto`) the file's own Q4_1 values as int4, which are exactly the
+same numbers (`UNQUANTIZED` rows run the dequantized copy). Throughput counts
+only the tokens each request asked for: a padded batch that keeps decoding for
+its longest member does not get credit for the padding. Time to first token
+for a static batch is measured from the batch's start, which favours
+`generate` (a real server would add the wait for the batch in front).
 """
 
 from __future__ import annotations
@@ -51,11 +53,13 @@ BATCH_REQUESTS = 64
 FAST = ("--compile",)
 """Backend flags of the fastest CPU set-up measured: decode steps through
 torch.compile (docs/backend.md, "Compiled decode")."""
-INT4 = ("--quant", "int4", "--compile")
-"""The bundled checkpoint in its own 4-bit format (GGUF Q4_1, groups of 32:
-int4 with groups of 32 holds exactly its weights, see
-tests/integration/backend/test_model_reference.py), compiled."""
-C1_SETUPS: tuple[tuple[str, ...], ...] = ((), ("--quant", "int4"))
+UNQUANTIZED = ("--quant", "none")
+"""The weights dequantized to the model dtype, as `generate` runs them. By
+default (`--quant auto`) the backend serves the bundled Q4_1 file as int4,
+which holds exactly the same values (tests/integration/backend/test_quant_auto.py)."""
+SETUPS: tuple[tuple[str, ...], ...] = ((), FAST, UNQUANTIZED)
+"""Backend flags of the main run's Tollgate rows; () is the defaults."""
+C1_SETUPS: tuple[tuple[str, ...], ...] = ((), FAST)
 """What `--c1` measures at concurrency 1 against one-at-a-time `generate`."""
 VOCAB_LOW, VOCAB_HIGH = 1000, 48000
 
@@ -372,13 +376,7 @@ def main_run(args: argparse.Namespace) -> None:
     for batch in (8, 32):
         scenarios.append(run_hf(hf_threads, args.dtype, batch, BATCH_REQUESTS))
         print(scenarios[-1].row(), flush=True)
-    with Backend(tg_threads, args.dtype) as backend:
-        scenarios.append(backend.run(works[:SINGLE_REQUESTS], 1))
-        print(scenarios[-1].row(), flush=True)
-        for concurrency in (8, 32):
-            scenarios.append(backend.run(works, concurrency))
-            print(scenarios[-1].row(), flush=True)
-    for flags in (FAST, INT4):
+    for flags in SETUPS:
         with Backend(tg_threads, args.dtype, *flags) as backend:
             scenarios.append(backend.run(works[:SINGLE_REQUESTS], 1))
             print(scenarios[-1].row(), flush=True)
@@ -389,7 +387,7 @@ def main_run(args: argparse.Namespace) -> None:
     single = by_name["HF generate, one at a time"].tok_s
     static32 = by_name["HF generate, static batch 32"].tok_s
     rows = []
-    for label in ("", f" ({' '.join(FAST)})", f" ({' '.join(INT4)})"):
+    for label in (f" ({' '.join(flags)})" if flags else "" for flags in SETUPS):
         c1 = by_name[f"Tollgate backend{label}, concurrency 1"].tok_s
         c32 = by_name[f"Tollgate backend{label}, concurrency 32"].tok_s
         rows += [

@@ -17,7 +17,7 @@ import structlog
 import torch
 from torch import Tensor
 
-from backend.config import CacheConfig, ModelConfig, SchedulerConfig
+from backend.config import CacheConfig, ModelConfig, SchedulerConfig, WeightQuant
 from backend.engine.request import SamplingParams
 from backend.executor.compiled_decode import (
     MIN_CONTEXT_BLOCKS,
@@ -35,7 +35,7 @@ from backend.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
 )
-from backend.models.loader import load_model, resolve_model_dir
+from backend.models.loader import load_model, model_source, resolve_model_dir, resolve_quant
 from backend.scheduler.output import ModelOutput, ScheduledChunk, SchedulerOutput
 from backend.tokenizer import Tokenizer
 
@@ -253,6 +253,7 @@ class ModelRunner:
         if model_config.num_threads:
             torch.set_num_threads(model_config.num_threads)
         self.model_dir: Path | None = None
+        self.quant: WeightQuant
         self._tokenizer: Tokenizer | None = None
         if model is None:
             self.device = torch.device(model_config.device)
@@ -261,10 +262,19 @@ class ModelRunner:
             self._tokenizer = Tokenizer.from_dir(self.model_dir)
             config = LlamaConfig.from_file(self.model_dir / "config.json")
             self.max_model_len = min(scheduler_config.max_model_len, config.max_position_embeddings)
+            self.quant = resolve_quant(
+                model_config.quant,
+                model_source(model_config.path),
+                self.model_dir,
+                self.device,
+                self.dtype,
+            )
             model = load_model(
-                self.model_dir, self.dtype, self.device, model_config.quant, self.max_model_len
+                self.model_dir, self.dtype, self.device, self.quant, self.max_model_len
             )
         else:
+            # A model built by the caller is already quantized as it will run.
+            self.quant = "none" if model_config.quant == "auto" else model_config.quant
             config = model.config
             self.device = model.tok_embeddings.weight.device
             self.dtype = model.tok_embeddings.weight.dtype

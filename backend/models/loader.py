@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from backend.config import Quant
+from backend.config import Quant, WeightQuant
 from backend.executor.packed_linear import pack_linears, packing_applies
 from backend.executor.quant import (
     int8_unavailable_reason,
@@ -42,6 +42,7 @@ CONVERTER_VERSION = 1
 """Bump when the converted folder's layout changes, so old conversions are not reused."""
 HASHED_PREFIX_BYTES = 8 * 1024 * 1024
 GGUF_MAGIC = b"GGUF"
+LAYER_TYPES_FILE = "gguf-layer-types.json"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -70,9 +71,64 @@ def gguf_cache_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_source(path: str | None) -> Path:
+    """The file or folder `path` names (None means the bundled GGUF file)."""
+    return bundled_gguf_path() if path is None else Path(path).expanduser()
+
+
+def gguf_layer_types(gguf: Path, model_dir: Path) -> frozenset[str]:
+    """The storage types (GGML names such as "Q4_1") of the GGUF file's layer
+    matrices, cached in its converted folder: reading them parses the file's
+    whole header, vocabulary included, about 2 s for the bundled model."""
+    cached = model_dir / LAYER_TYPES_FILE
+    try:
+        return frozenset(json.loads(cached.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    from gguf import GGUFReader
+
+    types = sorted(
+        {
+            t.tensor_type.name
+            for t in GGUFReader(str(gguf)).tensors
+            if t.name.startswith("blk.") and len(t.shape) == 2
+        }
+    )
+    staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+    try:
+        staging.write_text(json.dumps(types), encoding="utf-8")
+        staging.replace(cached)
+    except OSError:  # a read-only cache only costs the next start the 2 s again
+        staging.unlink(missing_ok=True)
+    return frozenset(types)
+
+
+def resolve_quant(
+    quant: Quant, source: Path, model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> WeightQuant:
+    """What `quant` means for this checkpoint and device.
+
+    "auto" is int4 for a GGUF file whose layer matrices are all Q4_1, where a
+    fused int4 kernel runs (CUDA, or a bfloat16 model on CPU: in float32 on CPU
+    int4 dequantizes every weight per call), and "none" otherwise. Q4_1 keeps a
+    scale and a minimum per group of 32 weights with 4-bit codes, int4's own
+    layout (`backend.executor.quant`), and llama.cpp sets each group's scale and
+    minimum from its extreme weights, so re-quantizing the dequantized file
+    recovers the file's own codes: int4 serves exactly the file's weights, in a
+    quarter of bfloat16's bytes. Other 4-bit types (Q4_0, Q4_K) do not survive
+    that round trip unchanged, and wider ones would lose precision.
+    """
+    if quant != "auto":
+        return quant
+    fused = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    if fused and is_gguf(source) and gguf_layer_types(source, model_dir) == {"Q4_1"}:
+        return "int4"
+    return "none"
+
+
 def resolve_model_dir(path: str | None) -> Path:
     """Return a safetensors model folder for `path` (None means the bundled model)."""
-    source = bundled_gguf_path() if path is None else Path(path).expanduser()
+    source = model_source(path)
     if source.is_dir():
         if not (source / "config.json").is_file():
             raise ModelNotFoundError(f"{source} has no config.json")
@@ -171,7 +227,7 @@ def load_model(
     model_dir: Path,
     dtype: torch.dtype,
     device: torch.device | str,
-    quant: Quant = "none",
+    quant: WeightQuant = "none",
     max_positions: int | None = None,
 ) -> LlamaForCausalLM:
     """Build the model on the meta device and load the folder's weights into it.
@@ -191,7 +247,7 @@ def assemble_model(
     state: Mapping[str, Tensor],
     dtype: torch.dtype,
     device: torch.device | str,
-    quant: Quant = "none",
+    quant: WeightQuant = "none",
     max_positions: int | None = None,
 ) -> LlamaForCausalLM:
     """Build the model on the meta device and assign `state` (our parameter names,
@@ -214,7 +270,9 @@ def assemble_model(
         prepare_cpu_int4_kernels(model)
     elif quant == "int8":
         prepare_cpu_int8_kernels(model)
-    elif packing_applies(torch.device(device), dtype):
+    if packing_applies(torch.device(device), dtype):
+        # Whatever stays a plain bfloat16 linear: every linear without `quant`,
+        # and with int4 or fp8 the full-precision `output`, the largest matrix.
         pack_linears(model)
     model.setup_rope(device, max_positions)
     model.requires_grad_(False)

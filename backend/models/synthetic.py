@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from backend.config import Quant
+from backend.config import WeightQuant
 from backend.models.llama import LlamaConfig, LlamaForCausalLM, RopeScaling
 from backend.models.loader import assemble_model
 
@@ -93,7 +93,7 @@ def build_synthetic_model(
     config: LlamaConfig,
     dtype: torch.dtype,
     device: torch.device | str,
-    quant: Quant = "none",
+    quant: WeightQuant = "none",
     max_positions: int | None = None,
     seed: int = 0,
 ) -> LlamaForCausalLM:

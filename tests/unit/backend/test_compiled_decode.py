@@ -8,6 +8,7 @@ the eager ones in tests/integration/backend/test_model_reference.py.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Iterator
 
@@ -15,10 +16,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from backend.config import CacheConfig, ModelConfig, Quant, SchedulerConfig
+from backend.config import CacheConfig, ModelConfig, SchedulerConfig, WeightQuant
 from backend.engine.request import SamplingParams
 from backend.executor.compiled_decode import CompiledDecode
 from backend.executor.model_runner import ModelRunner, resolve_dtype
+from backend.models.llama import LlamaConfig
 from backend.models.synthetic import build_synthetic_model, tiny_llama_config
 from backend.scheduler.output import ScheduledChunk, SchedulerOutput
 
@@ -32,11 +34,15 @@ GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 CPU = torch.device("cpu")
 
 
-def _runner(compile_decode: bool, quant: Quant = "none") -> ModelRunner:
+def _runner(
+    compile_decode: bool, quant: WeightQuant = "none", config: LlamaConfig | None = None
+) -> ModelRunner:
     # The dtype "auto" picks here: bfloat16 (prepacked linears) on CPUs with
     # native bfloat16, else float32.
     dtype = resolve_dtype("auto", CPU)
-    model = build_synthetic_model(tiny_llama_config(), dtype, CPU, quant=quant, max_positions=512)
+    model = build_synthetic_model(
+        config or tiny_llama_config(), dtype, CPU, quant=quant, max_positions=512
+    )
     return ModelRunner(
         ModelConfig(device="cpu", compile=compile_decode),
         CacheConfig(block_size=BLOCK, num_blocks=256),
@@ -126,16 +132,39 @@ def _assert_compiled_matches_eager(
         assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
-def test_decode_batches_of_any_size_and_context_need_no_new_graph(runner: ModelRunner) -> None:
+DECODE_SHAPES = [[1], [15], [16], [17], [31], [300], [2, 2], [1, 250], [5, 9, 33, 64, 100, 7]]
+
+
+def _assert_every_decode_shape_fits_a_graph(runner: ModelRunner) -> None:
     graphs = counters["stats"]["unique_graphs"]
     compiled = runner.compiled
     assert compiled is not None
     before = compiled.steps
-    shapes = [[1], [15], [16], [17], [300], [2, 2], [1, 250], [5, 9, 33, 64, 100, 7]]
-    for lengths in shapes:
-        runner.execute(SchedulerOutput(chunks=_decodes(lengths)))
-    assert compiled.steps == before + len(shapes)
+    # Serving runs a step no graph fits eagerly, silently; here it must raise.
+    compiled.serving_stance = "fail_on_recompile"
+    try:
+        for lengths in DECODE_SHAPES:
+            runner.execute(SchedulerOutput(chunks=_decodes(lengths)))
+    finally:
+        compiled.serving_stance = "eager_on_recompile"
+    assert compiled.steps == before + len(DECODE_SHAPES)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_decode_batches_of_any_size_and_context_need_no_new_graph(runner: ModelRunner) -> None:
+    _assert_every_decode_shape_fits_a_graph(runner)
+
+
+def test_weight_sizes_equal_to_warmup_sizes_do_not_tie_the_graph_to_them() -> None:
+    # Warm-up decodes at a context of 2 blocks + 1 token: a 3-block table and
+    # a 48-wide mask. With 1536 inputs the down projection's int4 scales have
+    # 48 groups, as in the bundled model; a graph that related the two sizes
+    # would fit only contexts of 33 to 48 tokens.
+    config = dataclasses.replace(tiny_llama_config(), intermediate_size=1536)
+    int4 = _runner(compile_decode=True, quant="int4", config=config)
+    int4.warmup()
+    assert int4.compiled is not None and int4.compiled.graphs == 2
+    _assert_every_decode_shape_fits_a_graph(int4)
 
 
 def test_steps_with_a_prefill_run_eagerly(runner: ModelRunner) -> None:
