@@ -403,7 +403,10 @@ def main_run(args: argparse.Namespace) -> None:
         "backend",
         f"""## Bundled backend vs Hugging Face `generate` (`bench/backend.py`)
 
-{machine}. Model: the bundled SmolLM2-135M, dtype {_resolved(args.dtype)}. Workload: seeded
+{machine}. Model: the bundled SmolLM2-135M, dtype {_resolved(args.dtype)}. Tollgate rows
+without flags run the defaults, which serve the file's own Q4_1 weights as
+int4 where the model runs in bfloat16 (`--quant auto`); `--quant none` rows
+run the dequantized weights, as `generate` does. Workload: seeded
 random prompts of 32-512 tokens, outputs of 16-256 tokens generated to full
 length (greedy, `ignore_eos`); {SINGLE_REQUESTS} requests for the one-at-a-time
 rows, the same first {BATCH_REQUESTS} for the batched rows. Throughput counts
@@ -484,12 +487,16 @@ def soak(args: argparse.Namespace) -> None:
     # end with the end of the warm-up.
     warm = minutes[min(WARMUP_MINUTES, max(minutes)) - 1] if max(minutes) else minutes[0]
     first, last = max(warm), max(minutes[max(minutes)])
+    # The second half shows whether growth stopped, however long the first
+    # pass over the pool took.
+    half = max(minutes[max(minutes) // 2])
     table = markdown_table(["minute", "RSS min MiB", "RSS max MiB"], rows)
     print(table)
     summary = (
         f"{served} requests at concurrency 32 over {(rss.samples[-1][0] - t0) / 60:.0f} min; "
         f"peak RSS in minute {WARMUP_MINUTES} {first:.0f} MiB, in the last minute "
-        f"{last:.0f} MiB ({(last - first) / first * 100:+.1f}%)."
+        f"{last:.0f} MiB ({(last - first) / first * 100:+.1f}%); over the second half, "
+        f"minute {max(minutes) // 2 + 1} to the last, {(last - half) / half * 100:+.1f}%."
     )
     print(summary)
     write_section(

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
+from backend.executor.quant import Int4Linear
 from backend.models.llama import BatchMetadata, KVCache, LlamaForCausalLM
 from backend.models.loader import cache_root
 
@@ -54,6 +55,16 @@ batch-1 step with the default Python wrapper."""
 def compile_supported(device: torch.device) -> bool:
     """Compiled decode is a CPU path; CUDA steps replay CUDA graphs instead."""
     return device.type == "cpu"
+
+
+def max_kernel_rows(model: LlamaForCausalLM) -> int | None:
+    """The fewest rows up to which a layer of `model` keeps one kernel, or None."""
+    limits = [
+        m.kernel_max_rows
+        for m in model.modules()
+        if isinstance(m, Int4Linear) and m.kernel_weight is not None
+    ]
+    return min(limits, default=None)
 
 
 class CompiledDecode:
@@ -87,6 +98,11 @@ class CompiledDecode:
         """The compiler's stance after warm-up (tests set "fail_on_recompile")."""
         self._warm = False
         self.compile_seconds = 0.0
+        self.max_batch = max_kernel_rows(model)
+        """Sequences a compiled step may hold (None: any). An int4 layer takes
+        a different kernel above its row limit, so the graph traced at two rows
+        holds only up to it; a larger batch goes straight to the eager model
+        rather than through a failed guard check (about 1.5 ms)."""
         self.graphs = 0
         """Graphs compiled at warm-up."""
         self.steps = 0

@@ -338,7 +338,10 @@ class ModelRunner:
                     rows = [i for i, c in enumerate(chunks) if c.sample]
                     return logits.index_select(0, _long(rows, self.device))
             compiled = self.compiled
-            if compiled is not None and any(len(c.token_ids) != 1 for c in chunks):
+            if compiled is not None and (
+                any(len(c.token_ids) != 1 for c in chunks)
+                or (compiled.max_batch is not None and len(chunks) > compiled.max_batch)
+            ):
                 compiled = None
             input_ids, meta = prepare_batch(
                 chunks,

@@ -203,3 +203,30 @@ def test_a_pool_too_small_to_warm_up_in_serves_eagerly() -> None:
     small.warmup()
     # Compiling at the first request would stall it for the whole compile.
     assert small.compiled is None
+
+
+def test_int4_decode_batches_above_the_kernel_row_limit_run_eagerly() -> None:
+    int4 = _runner(compile_decode=True, quant="int4")
+    int4.warmup()
+    compiled = int4.compiled
+    assert compiled is not None
+    if compiled.max_batch is None:
+        pytest.skip("int4 has a fused CPU kernel only in bfloat16 (CPUs with native bf16)")
+    # The batch-2 graph took the fused kernel; a batch above its row limit
+    # would fail the graph's guards, so it must not reach the graph at all.
+    rows = compiled.max_batch + 1
+    prompts = [
+        ScheduledChunk(f"q{i}", [i + 1] * 20, 0, [2 * i, 2 * i + 1], True, GREEDY, 0)
+        for i in range(rows)
+    ]
+    int4.execute(SchedulerOutput(chunks=prompts))
+    compiled.serving_stance = "fail_on_recompile"
+    before = compiled.steps
+    for size in (rows, rows - 1):
+        decodes = [
+            ScheduledChunk(f"q{i}", [7], 20, [2 * i, 2 * i + 1], True, GREEDY, 1)
+            for i in range(size)
+        ]
+        out = int4.execute(SchedulerOutput(chunks=decodes))
+        assert len(out.sampled) == size
+    assert compiled.steps == before + 1
