@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -268,45 +269,56 @@ def measure(port: int, raw: bytes, concurrency: int, seconds: float) -> Window:
 
 
 def store_cost(
-    base_env: dict[str, str], work: Path, redis_url: str, auth: dict[str, str], seconds: float
+    base_env: dict[str, str],
+    work: Path,
+    redis: RedisServer,
+    auth: dict[str, str],
+    seconds: float,
 ) -> list[list[object]]:
     """What the Redis quota store adds over the memory store, side by side:
-    a gateway on each runs at once and their windows alternate, so drift in
-    what else the machine does falls on both. Per concurrency: the median,
-    over `STORE_COST_REPS` pairs, of Redis p50 (p99) minus memory p50 (p99),
-    and the range of the p50 differences."""
-    envs = [
-        {
+    a gateway on the memory store and one on Redis per transport (TCP over
+    loopback, and the server's Unix socket) run at once and their windows
+    alternate, so drift in what else the machine does falls on all of them.
+    Per transport and concurrency: the median, over `STORE_COST_REPS` rounds,
+    of Redis p50 (p99) minus memory p50 (p99), and the range of the p50
+    differences."""
+    transports = {"TCP": redis.url, "Unix socket": redis.unix_url}
+    envs = {
+        name: {
             **base_env,
-            "TOLLGATE_STORE": store,
-            "TOLLGATE_REDIS_URL": redis_url,
-            "TOLLGATE_LEDGER_DIR": str(work / f"ledger-{store}"),
+            "TOLLGATE_STORE": "redis" if url else "memory",
+            "TOLLGATE_REDIS_URL": url or redis.url,
+            "TOLLGATE_LEDGER_DIR": str(work / f"ledger-cost-{i}"),
         }
-        for store in ("memory", "redis")
-    ]
+        for i, (name, url) in enumerate({"memory": "", **transports}.items())
+    }
     rows: list[list[object]] = []
-    with gateway(envs[0]) as memory, gateway(envs[1]) as redis:
+    with contextlib.ExitStack() as stack:
+        gateways = {name: stack.enter_context(gateway(env)) for name, env in envs.items()}
         for concurrency in (1, 16):
             raw = build_request(
                 "/v1/chat/completions", body(False, upstream_delay(concurrency)), auth
             )
-            p50s: list[float] = []
-            p99s: list[float] = []
+            p50s: dict[str, list[float]] = {name: [] for name in transports}
+            p99s: dict[str, list[float]] = {name: [] for name in transports}
             for _ in range(STORE_COST_REPS):
-                m = measure(memory.port, raw, concurrency, seconds).latency_ms(False)
-                r = measure(redis.port, raw, concurrency, seconds).latency_ms(False)
-                p50s.append(percentile(r, 50) - percentile(m, 50))
-                p99s.append(percentile(r, 99) - percentile(m, 99))
-            rows.append(
-                [
-                    "json",
-                    concurrency,
-                    statistics.median(p50s),
-                    statistics.median(p99s),
-                    f"{min(p50s):.2f} to {max(p50s):.2f}",
-                ]
-            )
-            print(rows[-1], flush=True)
+                m = measure(gateways["memory"].port, raw, concurrency, seconds).latency_ms(False)
+                for name in transports:
+                    r = measure(gateways[name].port, raw, concurrency, seconds).latency_ms(False)
+                    p50s[name].append(percentile(r, 50) - percentile(m, 50))
+                    p99s[name].append(percentile(r, 99) - percentile(m, 99))
+            for name in transports:
+                rows.append(
+                    [
+                        "json",
+                        name,
+                        concurrency,
+                        statistics.median(p50s[name]),
+                        statistics.median(p99s[name]),
+                        f"{min(p50s[name]):.2f} to {max(p50s[name]):.2f}",
+                    ]
+                )
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -395,7 +407,7 @@ def main() -> None:
                 print(held[-1], flush=True)
         store_rows: list[list[object]] = []
         if set(args.stores.split(",")) >= {"memory", "redis"}:
-            store_rows = store_cost(base_env, work, redis.url, auth, min(args.seconds, 3.0))
+            store_rows = store_cost(base_env, work, redis, auth, min(args.seconds, 3.0))
         exact = exactness(base_env, tenants, redis.url)
         print(exact, flush=True)
     finally:
@@ -449,10 +461,11 @@ def main() -> None:
     store_table = markdown_table(
         [
             "mode",
+            "Redis over",
             "concurrency",
             "Redis minus memory, p50 ms",
             "Redis minus memory, p99 ms",
-            f"p50 difference, range over {STORE_COST_REPS} pairs",
+            f"p50 difference, range over {STORE_COST_REPS} rounds",
         ],
         store_rows,
     )
@@ -487,9 +500,11 @@ at least 1,500 non-streaming req/s; under 200 MB RSS holding 1,000 streams.
 {held_table}
 
 What the Redis quota store adds over the in-process one, measured side by
-side: a gateway on each store runs at once and their {min(args.seconds, 3.0):.0f}-s windows
-alternate, {STORE_COST_REPS} pairs per row, each pair's Redis percentile minus its memory
-percentile, median over the pairs (target at most 0.3 ms at p50):
+side: a gateway on the memory store and one on Redis per transport (TCP over
+loopback, and the same server's Unix socket) run at once and their
+{min(args.seconds, 3.0):.0f}-s windows alternate, {STORE_COST_REPS} rounds per row, each round's
+Redis percentile minus its memory percentile, median over the rounds (target
+at most 0.3 ms at p50):
 
 {store_table}
 

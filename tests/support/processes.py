@@ -63,6 +63,7 @@ class RedisServer:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="tollgate-redis-")
+        self.socket_path = Path(self.dir) / "redis.sock"
         self.appendonly = appendonly
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -70,6 +71,11 @@ class RedisServer:
     def url(self) -> str:
         """redis:// URL of this server."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """unix:// URL of the same server's Unix socket."""
+        return f"unix://{self.socket_path}?db=0"
 
     def start(self) -> None:
         """Start (or restart) on the same port."""
@@ -80,6 +86,10 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
+                "--unixsocket",
+                str(self.socket_path),
+                "--unixsocketperm",
+                "700",
                 "--save",
                 "",
                 "--appendonly",

@@ -38,6 +38,19 @@ async def test_every_key_of_a_tenant_is_in_one_cluster_slot(redis_server: RedisS
     await store.close()
 
 
+async def test_the_store_runs_over_a_unix_socket_url(redis_server: RedisServer) -> None:
+    # A Redis on the same host: unix:// gives the scripts' connections the
+    # same settings as TCP does (tested by admitting past a limit over it).
+    store = RedisQuotaStore(connect(redis_server.unix_url, timeout_s=2.0), lease_ttl_s=60)
+    tenant = make_tenant(limits(tokens_per_minute=100))
+    first = await store.admit(ask(tenant, 60))
+    assert first.allowed and first.lease is not None
+    assert not (await store.admit(ask(tenant, 60))).allowed
+    assert await store.settle(first.lease, 10)
+    assert (await store.admit(ask(tenant, 60))).allowed
+    await store.close()
+
+
 async def test_scripts_use_redis_time_for_lease_expiry(redis_server: RedisServer) -> None:
     store = RedisQuotaStore(connect(redis_server.url, timeout_s=2.0), lease_ttl_s=0.3)
     tenant = make_tenant(limits(max_concurrent=1))
