@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from backend.config import Quant, WeightQuant
+from backend.executor.kernels import triton_kernels_supported
 from backend.executor.packed_linear import pack_linears, packing_applies
 from backend.executor.quant import (
     int8_unavailable_reason,
@@ -109,8 +110,8 @@ def resolve_quant(
     """What `quant` means for this checkpoint and device.
 
     "auto" is int4 for a GGUF file whose layer matrices are all Q4_1, where a
-    fused int4 kernel runs (CUDA, or a bfloat16 model on CPU: in float32 on CPU
-    int4 dequantizes every weight per call), and "none" otherwise. Q4_1 keeps a
+    fused int4 kernel runs (CUDA with the Triton kernels, or a bfloat16 model on
+    CPU; elsewhere int4 dequantizes every weight per call), and "none" otherwise. Q4_1 keeps a
     scale and a minimum per group of 32 weights with 4-bit codes, int4's own
     layout (`backend.executor.quant`), and llama.cpp sets each group's scale and
     minimum from its extreme weights, so re-quantizing the dequantized file
@@ -120,7 +121,9 @@ def resolve_quant(
     """
     if quant != "auto":
         return quant
-    fused = device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16)
+    fused = (device.type == "cuda" and triton_kernels_supported(device)) or (
+        device.type == "cpu" and dtype == torch.bfloat16
+    )
     if fused and is_gguf(source) and gguf_layer_types(source, model_dir) == {"Q4_1"}:
         return "int4"
     return "none"

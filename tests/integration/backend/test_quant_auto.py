@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from backend.executor.quant import dequantize_int4, quantize_int4
+from backend.models import loader
 from backend.models.loader import (
     LAYER_TYPES_FILE,
     model_source,
@@ -45,6 +46,19 @@ def test_auto_stays_unquantized_where_int4_would_dequantize_per_call(
 ) -> None:
     source, model_dir = bundled
     assert resolve_quant("auto", source, model_dir, CPU, torch.float32) == "none"
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_auto_on_cuda_needs_the_triton_int4_kernel(
+    bundled: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, triton: bool
+) -> None:
+    # Without Triton, int4 on CUDA dequantizes every weight per call.
+    source, model_dir = bundled
+    monkeypatch.setattr(loader, "triton_kernels_supported", lambda device: triton)
+    expected = "int4" if triton else "none"
+    assert (
+        resolve_quant("auto", source, model_dir, torch.device("cuda"), torch.bfloat16) == expected
+    )
 
 
 @pytest.mark.parametrize("quant", ["none", "int4", "fp8", "int8"])
