@@ -302,6 +302,11 @@ async def _drive(url: str, works: list[Work], concurrency: int) -> tuple[float, 
         return time.perf_counter() - start, samples
 
 
+def setup_label(flags: tuple[str, ...]) -> str:
+    """How a set-up's rows name it: " (--flag ...)", or nothing for the defaults."""
+    return f" ({' '.join(flags)})" if flags else ""
+
+
 class Backend:
     """Tollgate's backend as a child process with `threads` torch threads."""
 
@@ -309,7 +314,7 @@ class Backend:
         from tests.support.processes import BackendProcess
 
         self.threads = threads
-        self.label = f" ({' '.join(extra)})" if extra else ""
+        self.label = setup_label(extra)
         self.proc = BackendProcess("--threads", str(threads), "--dtype", dtype, *extra)
 
     def __enter__(self) -> Backend:
@@ -387,7 +392,7 @@ def main_run(args: argparse.Namespace) -> None:
     single = by_name["HF generate, one at a time"].tok_s
     static32 = by_name["HF generate, static batch 32"].tok_s
     rows = []
-    for label in (f" ({' '.join(flags)})" if flags else "" for flags in SETUPS):
+    for label in map(setup_label, SETUPS):
         c1 = by_name[f"Tollgate backend{label}, concurrency 1"].tok_s
         c32 = by_name[f"Tollgate backend{label}, concurrency 32"].tok_s
         rows += [
@@ -436,7 +441,7 @@ def c1_run(args: argparse.Namespace) -> None:
         with Backend(threads, args.dtype, *flags) as backend:
             scenarios.append(backend.run(works, 1))
         print(scenarios[-1].row(), flush=True)
-        label = f" ({' '.join(flags)})" if flags else ""
+        label = setup_label(flags)
         rows.append(
             [
                 f"Tollgate{label} c1 / HF one at a time",
