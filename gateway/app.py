@@ -28,6 +28,7 @@ from gateway.auth.keys import KeyResolver
 from gateway.auth.verifier import Authenticator
 from gateway.errors import GatewayError
 from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.request_log import RequestLog
 from gateway.observe.tracing import Tracing, build_tracing
 from gateway.policy.watcher import PolicyWatcher
 from gateway.queueing.registry import PoolQueues
@@ -161,6 +162,7 @@ def create_app(settings: GatewaySettings, *, tracing: Tracing | None = None) -> 
                 monitor = ReplicaMonitor(replicas, http)
                 watcher.on_change.append(monitor.configure)
                 turns = TurnCounter()
+                request_log = RequestLog()
                 app.state.services = Services(
                     settings=settings,
                     http=http,
@@ -176,12 +178,14 @@ def create_app(settings: GatewaySettings, *, tracing: Tracing | None = None) -> 
                     router=Router(replicas, queues, turns),
                     metrics=metrics,
                     tracing=tracer,
+                    request_log=request_log,
                 )
                 monitor.start()
                 log.info("gateway_ready", policy_version=watcher.current.version)
                 try:
                     yield
                 finally:
+                    request_log.flush()
                     await monitor.stop()
             finally:
                 await quota.stop()

@@ -10,6 +10,7 @@ from litestar import Request
 
 from gateway.auth.verifier import Authenticator
 from gateway.observe.metrics import GatewayMetrics
+from gateway.observe.request_log import RequestLog
 from gateway.observe.tracing import Tracing
 from gateway.policy.watcher import PolicyWatcher
 from gateway.queueing.registry import PoolQueues
@@ -40,6 +41,8 @@ class Services:
     """This process's Prometheus metrics (its own registry)."""
     tracing: Tracing
     """Request spans, or the do-nothing tracing when none is configured."""
+    request_log: RequestLog
+    """Each inference request's log line, written off the request's path."""
 
 
 def services_of(request: Request[Any, Any, Any]) -> Services:

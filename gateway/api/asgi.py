@@ -41,25 +41,35 @@ class Answer:
     body: bytes = b""
     chunks: AsyncGenerator[bytes, None] | None = None
     after: Callable[[], Awaitable[None]] | None = None
-    """Runs after a stream ended, was cancelled, or never started."""
+    """Runs once the answer is over: a whole body handed to the server, or a
+    stream that ended, was cancelled, or never started. The request's
+    bookkeeping (log line, metrics, settling) goes here, so that the client
+    does not wait for it."""
 
     def to_response(self) -> Response[bytes] | Stream:
         """The same answer as a Litestar response (paths Litestar routes)."""
+        background = BackgroundTask(self.after) if self.after is not None else None
         if self.chunks is None:
-            return Response(self.body, media_type="application/json", headers=self.headers)
+            return Response(
+                self.body,
+                media_type="application/json",
+                headers=self.headers,
+                background=background,
+            )
         return Stream(
-            self.chunks,
-            media_type="text/event-stream",
-            headers=self.headers,
-            background=BackgroundTask(self.after) if self.after is not None else None,
+            self.chunks, media_type="text/event-stream", headers=self.headers, background=background
         )
 
     async def send(self, receive: Receive, send: Send) -> None:
         """Send the answer on an ASGI connection."""
         if self.chunks is None:
             length = (b"content-length", str(len(self.body)).encode())
-            await send(self._start((b"content-type", JSON_TYPE), length))
-            await send({"type": "http.response.body", "body": self.body, "more_body": False})
+            try:
+                await send(self._start((b"content-type", JSON_TYPE), length))
+                await send({"type": "http.response.body", "body": self.body, "more_body": False})
+            finally:
+                if self.after is not None:
+                    await self.after()
             return
         # Built in a call of its own: nothing of it stays referenced for the
         # stream's whole life (1,000 held streams count every byte).

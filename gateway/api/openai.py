@@ -13,7 +13,6 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 import msgspec
-import structlog
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
@@ -24,6 +23,7 @@ from gateway.api.usage import draft_for
 from gateway.errors import BadRequestError
 from gateway.observe.labels import status_of
 from gateway.observe.request import RequestObserver
+from gateway.observe.request_log import RequestLog
 from gateway.policy.compiled import ModelRoute, PriorityClass
 from gateway.queueing.classes import PRIORITY_HEADER, resolve_priority
 from gateway.queueing.pool import Slot
@@ -33,7 +33,6 @@ from gateway.routing.resolve import RouteDecision, virtual_models_for
 from gateway.services import Services, services_of
 from gateway.upstream.proxy import UpstreamResponse
 
-log = structlog.get_logger("tollgate.request")
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
@@ -88,6 +87,7 @@ def _response_headers(
 
 
 def _log(
+    request_log: RequestLog,
     ctx: CallContext,
     route: ModelRoute,
     upstream: UpstreamResponse,
@@ -99,26 +99,27 @@ def _log(
     ttfb_s: float,
     slot: Slot,
 ) -> None:
-    log.info(
-        "request",
-        request_id=ctx.request_id,
-        tenant=ctx.tenant.tenant_id,
-        app=ctx.principal.app_id,
-        model=route.name,
-        replica=upstream.replica.url,
-        attempts=upstream.num_attempts,
+    """Hand the request's log line to `request_log` (written off the request's path)."""
+    fields = {
+        "request_id": ctx.request_id,
+        "tenant": ctx.tenant.tenant_id,
+        "app": ctx.principal.app_id,
+        "model": route.name,
+        "replica": upstream.replica.url,
+        "attempts": upstream.num_attempts,
         **(ctx.route.log_fields() if ctx.route is not None else {}),
-        status=status,
-        outcome=outcome,
-        stream=stream,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        cached_tokens=usage.cached_tokens,
-        priority=slot.priority,
-        queue_ms=round(slot.wait_s * 1000, 3),
-        ttfb_ms=round(ttfb_s * 1000, 3),
-        total_ms=round((time.perf_counter() - ctx.started) * 1000, 3),
-    )
+        "status": status,
+        "outcome": outcome,
+        "stream": stream,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "priority": slot.priority,
+        "queue_ms": round(slot.wait_s * 1000, 3),
+        "ttfb_ms": round(ttfb_s * 1000, 3),
+        "total_ms": round((time.perf_counter() - ctx.started) * 1000, 3),
+    }
+    request_log.add(fields)
 
 
 INFERENCE_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
@@ -130,7 +131,8 @@ async def forward(
     request: Request[Any, Any, Any], services: Services, path: str, kind: str
 ) -> Answer:
     """Serve one inference request; whichever way it ends, its metrics and
-    trace record the outcome once (a stream's when it ends)."""
+    trace record the outcome once (an answer's in its ``after`` hook, once it
+    was sent or its stream ended)."""
     started = time.perf_counter()
     request_id = request_id_for(request)
     trace = services.tracing.request(request_id, "POST", path, request.headers)
@@ -140,8 +142,6 @@ async def forward(
     except BaseException as exc:
         observer.finish(status_of(exc))
         raise
-    if response.chunks is None:
-        observer.finish(200)
     return response
 
 
@@ -289,31 +289,37 @@ async def _proxy(
     response_headers["x-tollgate-queue-ms"] = f"{slot.wait_s * 1000:.3f}"
 
     if not stream:
-        try:
-            reported = _decode(raw).get("usage")
-            # No usage object: unknown (the reservation is charged), not zero.
-            usage = usage_from(reported) if isinstance(reported, dict) else StreamUsage()
-        except (msgspec.DecodeError, AttributeError):
-            usage = StreamUsage()
-        grant.record.observe(usage)
-        # Settled in the background: the response does not wait for the
-        # store's round trip (the grant finishes it even if this task ends).
-        grant.settle_soon(_used_tokens(usage))
-        observer.first_byte()
-        observer.usage(usage)
-        upstream_span.end()
-        _log(
-            ctx,
-            route,
-            upstream,
-            status=200,
-            usage=usage,
-            stream=False,
-            outcome="ok",
-            ttfb_s=ttfb,
-            slot=slot,
-        )
-        return Answer(response_headers, raw)
+
+        async def finish() -> None:
+            # After the body went to the server: the client does not wait
+            # for any of this. Settling runs in the background too, without
+            # waiting for the store's round trip.
+            try:
+                reported = _decode(raw).get("usage")
+                # No usage object: unknown (the reservation is charged), not zero.
+                usage = usage_from(reported) if isinstance(reported, dict) else StreamUsage()
+            except (msgspec.DecodeError, AttributeError):
+                usage = StreamUsage()
+            grant.record.observe(usage)
+            grant.settle_soon(_used_tokens(usage))
+            observer.first_byte()
+            observer.usage(usage)
+            upstream_span.end()
+            observer.finish(200)
+            _log(
+                services.request_log,
+                ctx,
+                route,
+                upstream,
+                status=200,
+                usage=usage,
+                stream=False,
+                outcome="ok",
+                ttfb_s=ttfb,
+                slot=slot,
+            )
+
+        return Answer(response_headers, raw, after=finish)
 
     async def events() -> AsyncGenerator[bytes, None]:
         framer = SseFramer()
@@ -352,6 +358,7 @@ async def _proxy(
             observer.finish(200)
             await upstream.close()
             _log(
+                services.request_log,
                 ctx,
                 route,
                 upstream,

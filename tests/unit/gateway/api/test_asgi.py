@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import pytest
 from litestar import Response
 from litestar.response import Stream
 
@@ -45,6 +46,32 @@ async def test_a_whole_body_goes_out_with_litestars_headers() -> None:
         ],
     }
     assert body == {"type": "http.response.body", "body": b'{"ok":true}', "more_body": False}
+
+
+async def test_a_whole_bodys_after_hook_runs_once_the_body_was_handed_over() -> None:
+    conn = Connection()
+    seen: list[int] = []
+
+    async def after() -> None:
+        seen.append(len(conn.sent))  # the bookkeeping never delays the body
+
+    await Answer({}, b"{}", after=after).send(conn.receive, conn.send)
+    assert seen == [2]
+
+
+async def test_a_whole_bodys_after_hook_runs_even_when_sending_fails() -> None:
+    seen: list[str] = []
+
+    async def broken_send(message: Any) -> None:
+        raise OSError("connection reset")
+
+    async def after() -> None:
+        seen.append("after")
+
+    conn = Connection()
+    with pytest.raises(OSError):
+        await Answer({}, b"{}", after=after).send(conn.receive, broken_send)
+    assert seen == ["after"]
 
 
 async def test_a_stream_sends_every_chunk_then_the_end_then_runs_after() -> None:
@@ -104,9 +131,10 @@ async def test_the_same_answer_as_a_litestar_response() -> None:
     async def after() -> None:
         pass
 
-    whole = Answer({"x-a": "1"}, b"{}").to_response()
+    whole = Answer({"x-a": "1"}, b"{}", after=after).to_response()
     assert isinstance(whole, Response) and not isinstance(whole, Stream)
     assert whole.media_type == "application/json"
+    assert whole.background is not None
     stream = Answer({"x-a": "1"}, chunks=chunks(), after=after).to_response()
     assert isinstance(stream, Stream)
     assert stream.background is not None
