@@ -44,7 +44,7 @@ from common import (  # type: ignore[import-not-found]
 )
 from httpload import Result, build_request, closed_loop, hold_streams, run  # type: ignore[import-not-found]
 
-from tests.support.processes import FakeUpstreamProcess, GatewayProcess, RedisServer
+from tests.support.processes import FakeUpstreamProcess, GatewayProcess, RedisServer, ServiceProcess
 
 SECRET = "tollgate-bench-secret-0123456789-abcdefghijklmnop"
 TENANT = "bench"
@@ -67,6 +67,8 @@ twice. At concurrency 1 nothing can collide, and a fixed delay keeps the
 comparison precise."""
 STORE_COST_REPS = 5
 """Alternating memory/Redis windows per concurrency for the store's cost."""
+FLOOR_REPS = 3
+"""Alternating direct / bare proxy / gateway windows per row of the floor table."""
 
 
 def upstream_delay(concurrency: int) -> dict[str, float]:
@@ -322,6 +324,49 @@ def store_cost(
     return rows
 
 
+def hop_floor(
+    base_env: dict[str, str], fake: FakeUpstreamProcess, auth: dict[str, str], seconds: float
+) -> list[list[object]]:
+    """What the extra hop costs by itself: the upstream called directly,
+    through `bench/bare_proxy.py` (the gateway's server and upstream client
+    with nothing in between) and through the gateway (memory store), windows
+    alternating, `FLOOR_REPS` rounds. Per mode and concurrency: the median
+    over the rounds of each proxy's p50 minus the direct p50."""
+    bare = ServiceProcess(["bench.bare_proxy", "--upstream", fake.url], "/health")
+    bare.start(timeout_s=60)
+    rows: list[list[object]] = []
+    try:
+        with gateway(base_env) as gw:
+            for stream in (False, True):
+                for concurrency in (1, 16):
+                    delayed = body(stream, upstream_delay(concurrency))
+                    plain = build_request("/v1/chat/completions", delayed)
+                    signed = build_request("/v1/chat/completions", delayed, auth)
+                    added: dict[str, list[float]] = {"bare": [], "gateway": []}
+                    for _ in range(FLOOR_REPS):
+                        direct = measure(fake.port, plain, concurrency, seconds)
+                        d = percentile(direct.latency_ms(stream), 50)
+                        b = measure(bare.port, plain, concurrency, seconds).latency_ms(stream)
+                        g = measure(gw.port, signed, concurrency, seconds).latency_ms(stream)
+                        added["bare"].append(percentile(b, 50) - d)
+                        added["gateway"].append(percentile(g, 50) - d)
+                    bare_p50 = statistics.median(added["bare"])
+                    gateway_p50 = statistics.median(added["gateway"])
+                    rows.append(
+                        [
+                            "stream" if stream else "json",
+                            concurrency,
+                            bare_p50,
+                            gateway_p50,
+                            gateway_p50 - bare_p50,
+                        ]
+                    )
+                    print(rows[-1], flush=True)
+    finally:
+        bare.stop()
+    return rows
+
+
 def held_streams_rss(gw: GatewayProcess, token: str) -> tuple[float, int]:
     """Peak gateway RSS (MiB) while `HELD_STREAMS` streams are open at once,
     and how many of them completed with status 200."""
@@ -405,6 +450,12 @@ def main() -> None:
                 peak, ok = held_streams_rss(gw, token)
                 held.append([store, direct_rps, rps, own_p50, cpu_ms, HELD_STREAMS, ok, peak])
                 print(held[-1], flush=True)
+        floor_env = {
+            **base_env,
+            "TOLLGATE_STORE": "memory",
+            "TOLLGATE_LEDGER_DIR": str(work / "ledger-floor"),
+        }
+        floor_rows = hop_floor(floor_env, fake, auth, min(args.seconds, 3.0))
         store_rows: list[list[object]] = []
         if set(args.stores.split(",")) >= {"memory", "redis"}:
             store_rows = store_cost(base_env, work, redis, auth, min(args.seconds, 3.0))
@@ -469,7 +520,18 @@ def main() -> None:
         ],
         store_rows,
     )
+    floor_table = markdown_table(
+        [
+            "mode",
+            "concurrency",
+            "bare proxy added p50 ms",
+            "gateway added p50 ms",
+            "gateway minus bare proxy, ms",
+        ],
+        floor_rows,
+    )
     print(table)
+    print(floor_table)
     print(held_table)
     print(store_table)
     print(exact_table)
@@ -496,6 +558,15 @@ Targets: added p50 at most 1 ms and p99 at most 5 ms at concurrency 1 and 16;
 at least 1,500 non-streaming req/s; under 200 MB RSS holding 1,000 streams.
 
 {table}
+
+How much of that is the extra hop itself: the same upstream called directly,
+through `bench/bare_proxy.py` (uvicorn and the gateway's aiohttp session with
+nothing in between: no auth, quotas, routing, queue, usage or logs) and
+through the gateway on the memory store, {min(args.seconds, 3.0):.0f}-s windows alternating,
+median over {FLOOR_REPS} rounds of each proxy's p50 minus the direct p50. The last
+column is what the gateway's own work adds on this machine:
+
+{floor_table}
 
 {held_table}
 

@@ -39,22 +39,33 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _tightest(figures: Iterable[Figure]) -> Figure | None:
+def _tighter(figure: Figure, best: Figure | None) -> bool:
     # Least room left; on a tie, the one that takes longer to reset.
-    return min(figures, key=lambda f: (f.remaining, -f.reset_s), default=None)
+    if best is None:
+        return True
+    room, best_room = figure.remaining, best.remaining
+    return room < best_room or (room == best_room and figure.reset_s > best.reset_s)
 
 
 def rate_limit_headers(figures: Iterable[Figure]) -> dict[str, str]:
     """The `x-ratelimit-*` headers for these figures (empty when no limit applies)."""
-    figures = list(figures)
+    # One pass, no intermediate lists: this runs on every admitted request.
+    requests: Figure | None = None
+    tokens: Figure | None = None
+    for figure in figures:
+        kind = figure.kind
+        if kind == "requests_per_minute":
+            if _tighter(figure, requests):
+                requests = figure
+        elif kind in TOKEN_KINDS and _tighter(figure, tokens):
+            tokens = figure
     headers: dict[str, str] = {}
-    chosen = {
-        "requests": _tightest(f for f in figures if f.kind == "requests_per_minute"),
-        "tokens": _tightest(f for f in figures if f.kind in TOKEN_KINDS),
-    }
-    for what, figure in chosen.items():
-        if figure is not None:
-            headers[f"x-ratelimit-limit-{what}"] = str(figure.limit)
-            headers[f"x-ratelimit-remaining-{what}"] = str(figure.remaining)
-            headers[f"x-ratelimit-reset-{what}"] = format_duration(figure.reset_s)
+    if requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(requests.limit)
+        headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
+        headers["x-ratelimit-reset-requests"] = format_duration(requests.reset_s)
+    if tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+        headers["x-ratelimit-reset-tokens"] = format_duration(tokens.reset_s)
     return headers

@@ -1,0 +1,93 @@
+"""The floor under the gateway's overhead: the same HTTP server and upstream
+client with nothing in between.
+
+An ASGI app on uvicorn (its defaults pick uvloop and httptools; one
+worker, no access log: as `tollgate gateway` runs) that forwards every
+request to one upstream over the gateway's own pooled aiohttp session
+(`gateway.upstream.proxy.new_session`) and relays the answer: whole, or chunk
+by chunk when the upstream streams. No auth, quotas, routing, queue, usage
+or logs. What it adds over calling the upstream directly is what any proxy
+built on this stack pays for the extra hop on the machine at hand;
+`bench/gateway_overhead.py` measures it beside the gateway.
+
+    python -m bench.bare_proxy --port 9100 --upstream http://127.0.0.1:9000
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import aiohttp
+import uvicorn
+
+from gateway.upstream.proxy import new_session
+
+_JSON = [(b"content-type", b"application/json")]
+_UPSTREAM_HEADERS = {"content-type": "application/json"}
+
+
+def build_app(upstream: str) -> Any:
+    """The bare proxy's ASGI app, forwarding to `upstream`."""
+    session: aiohttp.ClientSession | None = None
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal session
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    session = new_session()
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    if session is not None:
+                        await session.close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/health":
+            await send({"type": "http.response.start", "status": 200, "headers": _JSON})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        assert session is not None
+        url = upstream + scope["path"]
+        async with session.post(url, data=body, headers=_UPSTREAM_HEADERS) as r:
+            kind = r.headers.get("content-type", "application/json").encode()
+            if r.headers.get("transfer-encoding", "").lower() == "chunked":
+                start = {"type": "http.response.start", "status": r.status}
+                await send({**start, "headers": [(b"content-type", kind)]})
+                async for chunk in r.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            data = await r.read()
+        headers = [(b"content-type", kind), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": r.status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    return app
+
+
+def main() -> None:
+    """Serve the bare proxy until interrupted."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="base URL of the upstream")
+    args = parser.parse_args()
+    uvicorn.run(
+        build_app(args.upstream.rstrip("/")),
+        host="127.0.0.1",
+        port=args.port,
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()
