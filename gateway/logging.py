@@ -38,11 +38,15 @@ def iso_timestamp(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
+EVENT_TIME = "_event_time"
+"""Key under which a line logged later than its event happened (a request's,
+written in a batch) passes the event's time, in seconds since the epoch; it
+becomes the line's ``timestamp``."""
+
+
 def _stamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    # A line written later than its event happened (a request's, written in
-    # a batch) brings its own timestamp; every other line is stamped now.
-    if "timestamp" not in event:
-        event["timestamp"] = iso_timestamp(time.time())
+    happened = event.pop(EVENT_TIME, None)
+    event["timestamp"] = iso_timestamp(time.time() if happened is None else happened)
     return event
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from gateway.logging import iso_timestamp, line_writer
+from gateway.logging import EVENT_TIME, line_writer
 
 FLUSH_DELAY_S = 0.05
 MAX_PENDING = 1024
@@ -57,4 +57,4 @@ class RequestLog:
             return
         with line_writer().batch():
             for ended, fields in pending:
-                log.info("request", timestamp=iso_timestamp(ended), **fields)
+                log.info("request", **fields, **{EVENT_TIME: ended})

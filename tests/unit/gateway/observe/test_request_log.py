@@ -45,6 +45,9 @@ async def test_lines_wait_for_the_delay_then_leave_in_one_flush(output: Output) 
     request_log.add({"request_id": "b", "status": 429})
     assert output.getvalue() == b""  # nothing on the requests' path
     await asyncio.sleep(0.15)
+    # The line reads as before batching: its fields, then event, level, timestamp.
+    assert list(output.lines()[0])[:2] == ["request_id", "status"]
+    assert list(output.lines()[0])[-3:] == ["event", "level", "timestamp"]
     assert [(r["event"], r["request_id"], r["status"]) for r in output.lines()] == [
         ("request", "a", 200),
         ("request", "b", 429),
