@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -194,9 +195,17 @@ def test_requests_sharing_an_x_request_id_both_complete(backend: BackendProcess)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda _: one(), range(2))
     for data in (first, second):
+        # A shared stream would hand one request both sequences' tokens and
+        # the other none (or leave it waiting).
         assert data["usage"]["completion_tokens"] == 12  # type: ignore[index]
         assert data["id"] == "chatcmpl-same-id-twice"
-    assert first["choices"] == second["choices"]
+        choices: list[dict[str, Any]] = data["choices"]  # type: ignore[assignment]
+        assert len(choices) == 1 and choices[0]["finish_reason"] == "length"
+        assert choices[0]["message"]["content"].strip()
+    # The two texts are not compared: under int4 a step's numerics depend on
+    # how many rows it batches (the fused kernel up to 8 rows, the prepacked
+    # copy above), so the request that prefilled beside the other's decode
+    # may pick a different token at a near tie.
 
 
 def test_stats_and_metrics(backend: BackendProcess) -> None:
