@@ -1,8 +1,8 @@
 """The floor under the gateway's overhead: the same HTTP server and upstream
 client with nothing in between.
 
-An ASGI app on uvicorn (its defaults pick uvloop and httptools; one
-worker, no access log: as `tollgate gateway` runs) that forwards every
+An ASGI app on uvicorn (uvloop, the gateway's httptools protocol, one worker,
+no access log: as `tollgate gateway` runs) that forwards every
 request to one upstream over the gateway's own pooled aiohttp session
 (`gateway.upstream.proxy.new_session`) and relays the answer: whole, or chunk
 by chunk when the upstream streams. No auth, quotas, routing, queue, usage
@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+from gateway.api.server_protocol import CoalescingHttpToolsProtocol
 from gateway.upstream.proxy import new_session
 
 _JSON = [(b"content-type", b"application/json")]
@@ -84,6 +85,7 @@ def main() -> None:
         host="127.0.0.1",
         port=args.port,
         lifespan="on",
+        http=CoalescingHttpToolsProtocol,
         access_log=False,
         log_level="warning",
     )

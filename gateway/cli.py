@@ -264,6 +264,7 @@ def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from gateway.api.server_protocol import CoalescingHttpToolsProtocol
     from gateway.app import create_app
     from gateway.logging import configure_logging
     from gateway.settings import GatewaySettings
@@ -321,6 +322,7 @@ def _gateway(args: argparse.Namespace) -> int:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=10,
+            http=CoalescingHttpToolsProtocol,
         )
         return 0
     uvicorn.run(
@@ -331,6 +333,7 @@ def _gateway(args: argparse.Namespace) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        http=CoalescingHttpToolsProtocol,
     )
     return 0
 

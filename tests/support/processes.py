@@ -199,6 +199,7 @@ class InProcessGateway:
     def __init__(self, settings: object, *, tracing: object = None) -> None:
         import uvicorn
 
+        from gateway.api.server_protocol import CoalescingHttpToolsProtocol
         from gateway.app import create_app
         from gateway.observe.tracing import Tracing
         from gateway.settings import GatewaySettings
@@ -211,6 +212,7 @@ class InProcessGateway:
             port=self.port,
             log_level="warning",
             lifespan="on",
+            http=CoalescingHttpToolsProtocol,  # as `tollgate gateway` serves
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
