@@ -67,7 +67,7 @@ twice. At concurrency 1 nothing can collide, and a fixed delay keeps the
 comparison precise."""
 STORE_COST_REPS = 5
 """Alternating memory/Redis windows per concurrency for the store's cost."""
-FLOOR_REPS = 3
+FLOOR_REPS = 5
 """Alternating direct / bare proxy / gateway windows per row of the floor table."""
 
 
