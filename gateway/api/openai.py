@@ -288,6 +288,28 @@ async def _proxy(
     response_headers["x-tollgate-priority"] = slot.priority
     response_headers["x-tollgate-queue-ms"] = f"{slot.wait_s * 1000:.3f}"
 
+    def ended(usage: StreamUsage, outcome: str) -> None:
+        # The request's end, either way it went: its usage record, settling,
+        # metrics and log line. Never awaits: a stream's end may run under
+        # cancellation.
+        grant.record.observe(usage)
+        grant.settle_soon(_used_tokens(usage))
+        observer.usage(usage)
+        upstream_span.end()
+        observer.finish(200)
+        _log(
+            services.request_log,
+            ctx,
+            route,
+            upstream,
+            status=200,
+            usage=usage,
+            stream=stream,
+            outcome=outcome,
+            ttfb_s=ttfb,
+            slot=slot,
+        )
+
     if not stream:
 
         async def finish() -> None:
@@ -300,24 +322,8 @@ async def _proxy(
                 usage = usage_from(reported) if isinstance(reported, dict) else StreamUsage()
             except (msgspec.DecodeError, AttributeError):
                 usage = StreamUsage()
-            grant.record.observe(usage)
-            grant.settle_soon(_used_tokens(usage))
             observer.first_byte()
-            observer.usage(usage)
-            upstream_span.end()
-            observer.finish(200)
-            _log(
-                services.request_log,
-                ctx,
-                route,
-                upstream,
-                status=200,
-                usage=usage,
-                stream=False,
-                outcome="ok",
-                ttfb_s=ttfb,
-                slot=slot,
-            )
+            ended(usage, "ok")
 
         return Answer(response_headers, raw, after=finish)
 
@@ -349,26 +355,10 @@ async def _proxy(
             yield _sse_error("the backend connection failed mid-stream", "upstream_error")
         finally:
             # First, and without awaiting: this may run under cancellation.
-            grant.record.observe(framer.usage)
             grant.record.stream_ended(outcome)
-            grant.settle_soon(_used_tokens(framer.usage))
             slot.release()
-            observer.usage(framer.usage)
-            upstream_span.end()
-            observer.finish(200)
+            ended(framer.usage, outcome)
             await upstream.close()
-            _log(
-                services.request_log,
-                ctx,
-                route,
-                upstream,
-                status=200,
-                usage=framer.usage,
-                stream=True,
-                outcome=outcome,
-                ttfb_s=ttfb,
-                slot=slot,
-            )
 
     response_headers["cache-control"] = "no-cache"
     # `after` runs after the response even when the stream never started
