@@ -60,12 +60,9 @@ def rate_limit_headers(figures: Iterable[Figure]) -> dict[str, str]:
         elif kind in TOKEN_KINDS and _tighter(figure, tokens):
             tokens = figure
     headers: dict[str, str] = {}
-    if requests is not None:
-        headers["x-ratelimit-limit-requests"] = str(requests.limit)
-        headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
-        headers["x-ratelimit-reset-requests"] = format_duration(requests.reset_s)
-    if tokens is not None:
-        headers["x-ratelimit-limit-tokens"] = str(tokens.limit)
-        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
-        headers["x-ratelimit-reset-tokens"] = format_duration(tokens.reset_s)
+    for what, chosen in (("requests", requests), ("tokens", tokens)):
+        if chosen is not None:
+            headers[f"x-ratelimit-limit-{what}"] = str(chosen.limit)
+            headers[f"x-ratelimit-remaining-{what}"] = str(chosen.remaining)
+            headers[f"x-ratelimit-reset-{what}"] = format_duration(chosen.reset_s)
     return headers
