@@ -3,7 +3,7 @@ client with nothing in between.
 
 An ASGI app on uvicorn (uvloop, the gateway's httptools protocol, one worker,
 no access log: as `tollgate gateway` runs) that forwards every
-request to one upstream over the gateway's own pooled aiohttp session
+request to one upstream over the gateway's own upstream connections
 (`gateway.upstream.proxy.new_session`) and relays the answer: whole, or chunk
 by chunk when the upstream streams. No auth, quotas, routing, queue, usage
 or logs. What it adds over calling the upstream directly is what any proxy
@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import aiohttp
 import uvicorn
 
 from gateway.api.server_protocol import CoalescingHttpToolsProtocol
+from gateway.upstream.http1 import Http1Pool
 from gateway.upstream.proxy import new_session
 
 _JSON = [(b"content-type", b"application/json")]
@@ -30,7 +30,7 @@ _UPSTREAM_HEADERS = {"content-type": "application/json"}
 
 def build_app(upstream: str) -> Any:
     """The bare proxy's ASGI app, forwarding to `upstream`."""
-    session: aiohttp.ClientSession | None = None
+    session: Http1Pool | None = None
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         nonlocal session
@@ -56,17 +56,30 @@ def build_app(upstream: str) -> Any:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         assert session is not None
-        url = upstream + scope["path"]
-        async with session.post(url, data=body, headers=_UPSTREAM_HEADERS) as r:
-            kind = r.headers.get("content-type", "application/json").encode()
-            if r.headers.get("transfer-encoding", "").lower() == "chunked":
-                start = {"type": "http.response.start", "status": r.status}
-                await send({**start, "headers": [(b"content-type", kind)]})
-                async for chunk in r.content.iter_any():
+        r = await session.request(
+            "POST",
+            upstream,
+            scope["path"],
+            body,
+            _UPSTREAM_HEADERS,
+            connect_timeout_s=5.0,
+            first_byte_timeout_s=60.0,
+        )
+        kind = r.headers.get("content-type", "application/json").encode()
+        if r.headers.get("transfer-encoding", "").lower() == "chunked":
+            start = {"type": "http.response.start", "status": r.status}
+            await send({**start, "headers": [(b"content-type", kind)]})
+            try:
+                while chunk := await r.chunk():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            data = await r.read()
+            finally:
+                if r.ended:
+                    r.release()
+                else:
+                    r.close()
+            await send({"type": "http.response.body", "body": b""})
+            return
+        data = await r.read()
         headers = [(b"content-type", kind), (b"content-length", str(len(data)).encode())]
         await send({"type": "http.response.start", "status": r.status, "headers": headers})
         await send({"type": "http.response.body", "body": data})

@@ -560,7 +560,7 @@ at least 1,500 non-streaming req/s; under 200 MB RSS holding 1,000 streams.
 {table}
 
 How much of that is the extra hop itself: the same upstream called directly,
-through `bench/bare_proxy.py` (uvicorn and the gateway's aiohttp session with
+through `bench/bare_proxy.py` (uvicorn and the gateway's upstream connections with
 nothing in between: no auth, quotas, routing, queue, usage or logs) and
 through the gateway on the memory store, {min(args.seconds, 3.0):.0f}-s windows alternating,
 median over {FLOOR_REPS} rounds of each proxy's p50 minus the direct p50. The last

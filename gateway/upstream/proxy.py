@@ -1,4 +1,4 @@
-"""Forwarding to backends over one pooled aiohttp session.
+"""Forwarding to backends over the process's pool of keep-alive connections.
 
 The proxy awaits the backend's status and headers before the gateway commits
 its own response, so a replica that refuses the connection, drops it before
@@ -14,10 +14,10 @@ streams are failures; any other answer a success). Each failed attempt is
 also reported to the client's ``on_error`` hook (metrics) with its pool and
 one of ``ERROR_KINDS``.
 
-This is the one hot path that does not use httpx: measured side by side on the
-same fake backend, httpx spent about ten times aiohttp's CPU per proxied
-request (docs/decisions.md), more than the gateway's whole overhead budget.
-Control-plane calls (JWKS, load and health probes) keep httpx.
+This is the one hot path that does not use httpx: its requests go over
+`gateway.upstream.http1`, which spends a fraction of a general-purpose
+client's CPU per request (docs/decisions.md). Control-plane calls (JWKS,
+load and health probes) keep httpx.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp
 import msgspec
 
 from gateway.errors import (
@@ -42,6 +41,13 @@ from gateway.errors import (
 )
 from gateway.policy.compiled import Replica, UpstreamTimeouts
 from gateway.upstream.health import ReplicaBook, Ticket, report_failure, report_success
+from gateway.upstream.http1 import (
+    ConnectFailed,
+    ConnectionClosed,
+    Http1Pool,
+    HttpClientError,
+    Response,
+)
 
 _decode = msgspec.json.Decoder().decode
 
@@ -55,17 +61,10 @@ ErrorHook = Callable[[str, ErrorKind], None]
 """Called with (pool, kind) for every failed attempt."""
 
 
-def new_session() -> aiohttp.ClientSession:
-    """The process's pooled upstream session: unlimited connections (the
-    priority queues bound concurrency), no cookies, no redirects followed,
-    no compression asked for."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
+def new_session() -> Http1Pool:
+    """The process's upstream connections: unlimited in number (the priority
+    queues bound concurrency), kept alive between requests."""
+    return Http1Pool()
 
 
 @dataclass
@@ -73,7 +72,7 @@ class UpstreamResponse:
     """An open backend response whose status and headers have arrived."""
 
     replica: Replica
-    response: aiohttp.ClientResponse
+    response: Response
     timeouts: UpstreamTimeouts
     deadline: float
     """time.monotonic() after which the whole exchange is abandoned."""
@@ -111,29 +110,25 @@ class UpstreamResponse:
         except TimeoutError as exc:
             self._finish("the response did not finish in time", "timeout")
             raise UpstreamTimeoutError("the backend did not finish in time") from exc
-        except aiohttp.ClientError as exc:
+        except HttpClientError as exc:
             self._finish(f"connection broke mid-response: {type(exc).__name__}")
             raise UpstreamError("the backend connection failed mid-response") from exc
-        finally:
-            self.response.release()
         self._finish(None)
         return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive, each within the between-chunks timeout;
-        a broken connection raises ``aiohttp.ClientError``."""
-        content = self.response.content
+        a broken connection raises ``HttpClientError``."""
+        response = self.response
         try:
             while True:
                 budget = min(self.timeouts.between_chunks_s, self.deadline - time.monotonic())
                 async with asyncio.timeout(max(0.0, budget)):
-                    chunk = await content.readany()
+                    chunk = await response.chunk()
                 if not chunk:
-                    if not content.is_eof():
-                        raise UpstreamError("the backend connection closed mid-stream")
                     return
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError, UpstreamError) as exc:
+        except (TimeoutError, HttpClientError) as exc:
             kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "stream"
             self._finish(f"stream broke: {type(exc).__name__}", kind)
             raise
@@ -144,7 +139,7 @@ class UpstreamResponse:
         """Drop the connection unless the body was read to its end; dropping
         it is what cancels the request on the backend."""
         self._finish(None)
-        if self.response.content.is_eof():
+        if self.response.ended:
             self.response.release()
         else:
             self.response.close()
@@ -196,20 +191,15 @@ class _TryNext(Exception):
 
 # Failures before any response byte that leave the request safe to send
 # elsewhere: nothing reached the client yet.
-_RETRYABLE = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ConnectionTimeoutError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-)
+_RETRYABLE = (ConnectFailed, ConnectionClosed)
 
 
 class UpstreamClient:
-    """Sends requests to backends over the shared session."""
+    """Sends requests to backends over the shared connection pool."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: Http1Pool,
         book: ReplicaBook | None = None,
         *,
         on_error: ErrorHook | None = None,
@@ -217,17 +207,6 @@ class UpstreamClient:
         self._session = session
         self._book = book
         self._on_error = on_error
-        self._timeouts: dict[UpstreamTimeouts, aiohttp.ClientTimeout] = {}
-
-    def _timeout(self, timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
-        # sock_read bounds the wait for the status line and headers (the
-        # first byte); chunks() then applies the between-chunks budget.
-        timeout = self._timeouts.get(timeouts)
-        if timeout is None:
-            timeout = self._timeouts[timeouts] = aiohttp.ClientTimeout(
-                total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.first_byte_s
-            )
-        return timeout
 
     async def open(
         self,
@@ -315,12 +294,16 @@ class UpstreamClient:
         upstream: UpstreamResponse | None = None
         try:
             try:
-                response = await self._session.post(
-                    replica.url.rstrip("/") + path,
-                    data=body,
-                    headers=headers,
-                    timeout=self._timeout(timeouts),
-                    allow_redirects=False,
+                # The first-byte timeout bounds the wait for the status line
+                # and headers; chunks() then applies the between-chunks budget.
+                response = await self._session.request(
+                    "POST",
+                    replica.url,
+                    path,
+                    body,
+                    headers,
+                    connect_timeout_s=timeouts.connect_s,
+                    first_byte_timeout_s=timeouts.first_byte_s,
                 )
             except _RETRYABLE as exc:
                 failure = ServiceUnavailableError(
@@ -329,19 +312,18 @@ class UpstreamClient:
                 failure.__cause__ = exc
                 self._failed(ticket, pool, "connect", f"{type(exc).__name__} before the response")
                 raise _TryNext(failure, answered=False) from exc
-            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            except TimeoutError as exc:
                 self._failed(ticket, pool, "timeout", "no response within first_byte_s")
                 raise UpstreamTimeoutError("the backend did not answer in time") from exc
-            except aiohttp.ClientError as exc:
+            except HttpClientError as exc:
                 self._failed(ticket, pool, "connect", f"{type(exc).__name__} before the response")
                 raise UpstreamError("the backend connection failed") from exc
             if response.status >= 400:
                 try:
-                    raw = await response.read()
-                except aiohttp.ClientError:
-                    raw = b""
-                finally:
-                    response.release()
+                    async with asyncio.timeout(timeouts.first_byte_s):
+                        raw = await response.read()
+                except (HttpClientError, TimeoutError):
+                    raw = b""  # the status alone says enough
                 error = _error_from_backend(response.status, raw, response.headers)
                 if response.status >= 500:
                     self._failed(ticket, pool, "status", f"status {response.status}")
