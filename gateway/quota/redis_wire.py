@@ -1,38 +1,46 @@
 """The Redis store's scripts on the wire: pre-encoded commands on connections
 kept by the store, so that an admit costs one round trip and little CPU.
 
-Why not redis-py's `Script` and pool for the scripts (measured on the
-benchmark's 2-core machine, uvloop, one scope with every limit):
+Why not redis-py's `Script`, pool and connections for the scripts (measured
+on the benchmark's 2-core machine, uvloop, one scope with every limit):
 
 - redis-py spent about 90 us of CPU per admit: 30 us building keys and
   arguments, 17 us encoding them, 19 us taking and returning a pooled
   connection (a condition, a lock, a timer and metrics hooks), the rest in
   `execute_command`. Here what does not change between requests is encoded
   once (`ScriptCall` and the store's admit plans) and an idle connection is
-  popped from a list (`Lane`): about 45 us for the whole admit, reply
-  included (settle: 62 to 24 us).
+  popped from a list (`Lane`).
 - With a socket timeout, redis-py writes every command inside
   `asyncio.wait_for`, which on Python 3.11 starts a task per write: every
-  call waits two extra turns of the event loop. At concurrency 16 that was
-  3.5 ms per admit, most of what the Redis store added. A `Lane` connection
-  has no socket timeout; the whole round trip has one deadline
-  (`asyncio.timeout`, a timer and no task) of the same length instead.
+  call waits two extra turns of the event loop. A `Lane` call has one
+  deadline for the whole round trip (`asyncio.timeout`, a timer, no task).
+- Even used directly, a redis-py connection's send, read and health check
+  (a stream writer, a stream reader, a buffer, a read with a zero timeout
+  to see whether the server closed the socket) took 56 us of CPU and 92 us
+  per trivial EVALSHA; a `_ScriptConnection` (one write, replies parsed by
+  hiredis, the parser redis-py itself prefers, in the protocol callback)
+  takes about 39 us and 66 us. A connection here knows it was closed from
+  its own callback, without a syscall.
 
-Connections are redis-py's own (`pool.connection_class` with the pool's
-settings), so the URL's TLS, password and database apply as before, and
-replies are parsed by redis-py. A connection goes back to the idle list only
-after its reply was read in full; one that failed or timed out is closed.
+Connections are opened with the settings of the client's pool: host and
+port or Unix socket, TLS (the context redis-py builds from the URL), user
+and password or credential provider, database. Errors are redis-py's
+exception types, as the breaker and the store expect. A connection goes back
+to the idle list only after its reply was read in full; one that failed or
+timed out is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+import ssl
+from typing import Any, cast
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+import hiredis
+from redis.asyncio.connection import ConnectionPool, SSLConnection
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Arg = str | bytes | int
@@ -82,6 +90,74 @@ class ScriptCall:
         return b"*%d\r\n%b%b" % (parts + 2, self._eval, body)
 
 
+class _ScriptConnection(asyncio.Protocol):
+    """One Redis connection: a command, then exactly its reply."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._reader = hiredis.Reader()
+        self._waiter: asyncio.Future[Any] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport (uvloop's are not `asyncio.Transport` subclasses)."""
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse the reply; bytes nobody waits for close the connection."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self.close()  # a reply to nothing: the connection's state is unknown
+            return
+        self._reader.feed(data)
+        try:
+            reply = self._reader.gets()
+        except hiredis.ProtocolError as exc:
+            waiter.set_exception(RedisConnectionError(f"Protocol error: {exc}"))
+            self.close()
+            return
+        if reply is not False:
+            waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail the call in flight, if any."""
+        self.closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(RedisConnectionError("Connection closed by server."))
+
+    async def request(self, command: bytes) -> Any:
+        """Send `command` and return its reply (an error reply raised)."""
+        if self.closed or self.transport is None:
+            raise RedisConnectionError("Connection closed.")
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(command)
+        try:
+            reply = await waiter
+        finally:
+            self._waiter = None
+        if isinstance(reply, hiredis.ReplyError):
+            raise _error(str(reply))
+        return reply
+
+    def close(self) -> None:
+        """Close the socket."""
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+
+def _error(text: str) -> RedisError:
+    """An error reply as the redis-py exception of the same meaning."""
+    code, _, message = text.partition(" ")
+    if code == "NOSCRIPT":
+        return NoScriptError(message)
+    if code in ("NOAUTH", "WRONGPASS"):
+        return AuthenticationError(message)
+    return ResponseError(text)
+
+
 class Lane:
     """Connections for the store's scripts, reused most recent first.
 
@@ -101,10 +177,18 @@ class Lane:
         self._connect_timeout_s: float | None = (
             None if connect_timeout is None else float(connect_timeout)
         )
-        settings["socket_timeout"] = None
-        self._settings = settings
-        self._connection_class = pool.connection_class
-        self._idle: list[AbstractConnection] = []
+        self._path: str | None = settings.get("path")
+        self._host: str = settings.get("host", "localhost")
+        self._port = int(settings.get("port", 6379))
+        self._db = int(settings.get("db") or 0)
+        self._username: str | None = settings.get("username")
+        self._password: str | None = settings.get("password")
+        self._credentials = settings.get("credential_provider")
+        self._ssl: ssl.SSLContext | None = None
+        if issubclass(pool.connection_class, SSLConnection):
+            # redis-py's own reading of the URL's TLS settings (no I/O here).
+            self._ssl = pool.connection_class(**settings).ssl_context.get()
+        self._idle: list[_ScriptConnection] = []
         self._slots = asyncio.Semaphore(max_connections)
 
     @property
@@ -139,10 +223,10 @@ class Lane:
             finally:
                 # Only a connection whose reply was read in full is reused:
                 # on any other one a later call would read this call's reply.
-                if clean:
+                if clean and not conn.closed:
                     self._idle.append(conn)
                 else:
-                    await conn.disconnect(nowait=True)
+                    conn.close()
         finally:
             self._slots.release()
 
@@ -150,35 +234,54 @@ class Lane:
         """Run `script` with plain keys and arguments (nothing cached)."""
         return await self.script(script, encode(len(keys), *keys, *args), 1 + len(keys) + len(args))
 
-    async def _connection(self) -> AbstractConnection:
-        conn = self._idle.pop() if self._idle else self._connection_class(**self._settings)
-        if conn.is_connected:
-            try:
-                # Unread bytes (never left by this lane) or a server that
-                # closed the socket (a restart): start over on a new socket
-                # rather than fail this call.
-                stale = await conn.can_read()
-            except (RedisConnectionError, OSError):
-                stale = True
-            if stale:
-                await conn.disconnect(nowait=True)
-        if not conn.is_connected:
-            try:
-                async with asyncio.timeout(self._connect_timeout_s):
-                    await conn.connect()  # type: ignore[no-untyped-call]
-            except TimeoutError as exc:
-                await conn.disconnect(nowait=True)
-                raise RedisTimeoutError("Timeout connecting to Redis") from exc
-            except BaseException:
-                await conn.disconnect(nowait=True)  # cancelled mid-handshake
-                raise
+    async def _connection(self) -> _ScriptConnection:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:  # a server that closed it (a restart) said so
+                return conn
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                return await self._open()
+        except TimeoutError as exc:
+            raise RedisTimeoutError("Timeout connecting to Redis") from exc
+
+    async def _open(self) -> _ScriptConnection:
+        """A new connection, authenticated and on the right database."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self._path is not None:
+                _, conn = await loop.create_unix_connection(_ScriptConnection, self._path)
+            else:
+                _, conn = await loop.create_connection(
+                    _ScriptConnection,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except OSError as exc:
+            where = self._path or f"{self._host}:{self._port}"
+            raise RedisConnectionError(f"Error connecting to {where}: {exc}") from exc
+        try:
+            username, password = self._username, self._password
+            if self._credentials is not None:
+                credentials = await self._credentials.get_credentials_async()
+                username, password = (None, *credentials)[-2:]
+            if password is not None:
+                names = (username, password) if username else (password,)
+                await conn.request(_command("AUTH", *names))
+            if self._db:
+                await conn.request(_command("SELECT", self._db))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
-    async def _round_trip(self, conn: AbstractConnection, command: bytes) -> Any:
+    async def _round_trip(self, conn: _ScriptConnection, command: bytes) -> Any:
         try:
             async with asyncio.timeout(self.timeout_s):
-                await conn.send_packed_command(command, check_health=False)
-                return await conn.read_response()
+                return await conn.request(command)
         except TimeoutError as exc:
             raise RedisTimeoutError("Timeout reading from Redis") from exc
 
@@ -187,4 +290,9 @@ class Lane:
         likely dead too); calls in flight keep theirs."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            await conn.disconnect(nowait=True)
+            conn.close()
+
+
+def _command(*args: Arg) -> bytes:
+    """One command in RESP."""
+    return b"*%d\r\n%b" % (len(args), encode(*args))

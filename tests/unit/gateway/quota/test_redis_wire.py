@@ -8,7 +8,8 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.quota.redis_store import connect
@@ -120,4 +121,62 @@ async def test_a_restarted_server_costs_no_failed_call(redis_server: RedisServer
     redis_server.restart()
     await asyncio.sleep(0.05)  # the event loop sees the old socket close
     assert await lane.call(ECHO, [], ["after"]) == b"after"
+    await lane.reset()
+
+
+SET_KEY = ScriptCall("redis.call('SET', KEYS[1], ARGV[1]) return 1")
+
+
+async def test_password_and_database_from_the_url_apply(redis_server: RedisServer) -> None:
+    admin = Redis.from_url(redis_server.url)
+    await admin.config_set("requirepass", "s3cret")
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{redis_server.port}/2"
+        lane = Lane(connect(url, timeout_s=2.0).connection_pool, max_connections=2)
+        assert await lane.call(SET_KEY, ["wire:db"], ["two"]) == 1
+        authed = Redis.from_url(url)
+        assert await authed.get("wire:db") == b"two"  # written to database 2
+        await authed.select(0)
+        assert await authed.get("wire:db") is None
+        await authed.aclose()
+        await lane.reset()
+    finally:
+        await admin.execute_command("AUTH", "s3cret")
+        await admin.config_set("requirepass", "")
+        await admin.aclose()
+
+
+async def test_a_wrong_password_is_an_authentication_error(redis_server: RedisServer) -> None:
+    admin = Redis.from_url(redis_server.url)
+    await admin.config_set("requirepass", "s3cret")
+    try:
+        url = f"redis://:wrong@127.0.0.1:{redis_server.port}/0"
+        lane = Lane(connect(url, timeout_s=2.0).connection_pool, max_connections=2)
+        with pytest.raises(AuthenticationError):
+            await lane.call(ECHO, [], ["x"])
+        assert lane.idle == 0  # the refused connection was not kept
+    finally:
+        await admin.execute_command("AUTH", "s3cret")
+        await admin.config_set("requirepass", "")
+        await admin.aclose()
+
+
+async def test_a_unix_socket_url_is_served(redis_server: RedisServer) -> None:
+    lane = Lane(connect(redis_server.unix_url, timeout_s=2.0).connection_pool, max_connections=2)
+    assert await lane.call(ECHO, [], ["over the socket"]) == b"over the socket"
+    assert lane.idle == 1
+    await lane.reset()
+
+
+async def test_a_refused_connection_is_a_connection_error() -> None:
+    server = RedisServer()  # never started: nothing listens on its port
+    lane = Lane(connect(server.url, timeout_s=1.0).connection_pool, max_connections=2)
+    with pytest.raises(RedisConnectionError):
+        await lane.call(ECHO, [], ["x"])
+
+
+async def test_replies_keep_their_types(redis_server: RedisServer) -> None:
+    lane = lane_for(redis_server)
+    script = ScriptCall("return {1, 'two', {3}}")
+    assert await lane.call(script, [], []) == [1, b"two", [3]]
     await lane.reset()
