@@ -27,6 +27,7 @@ import json
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -324,6 +325,64 @@ def store_cost(
     return rows
 
 
+ROUND_TRIPS = 200
+"""Calls per kind in `redis_round_trips`."""
+
+
+def redis_round_trips(redis_url: str) -> list[list[object]]:
+    """What one call to Redis costs on this machine, from a process of its own
+    (this one, idle by now) on uvloop, through the store's own connections:
+    a script that does nothing, the bench tenant's admit (with a usage
+    record, as the gateway sends it) and its settle. Paced: one call every
+    `UPSTREAM_DELAY_MS` ms, as at concurrency 1, where both processes sleep
+    between calls; back to back: as fast as they go. p50 in ms."""
+    import uuid
+
+    import uvloop
+
+    from gateway.quota.limits import Reservation, Scope
+    from gateway.quota.redis_store import RedisQuotaStore, connect
+    from gateway.quota.redis_wire import ScriptCall
+    from gateway.usage.record import UsageEntry
+
+    big = 10**12
+    scope = Scope(
+        f"tenant '{TENANT}'", f"tollgate:q:{{{TENANT}-rt}}:t", "UTC", big, big, 10**5, big, big
+    )
+    entry = UsageEntry("2026-01-01", b'{"request_id":"' + b"0" * 32 + b'","status":"interrupted"}')
+    nothing = ScriptCall("return 1")
+
+    async def rounds(pause_s: float) -> list[object]:
+        store = RedisQuotaStore(connect(redis_url, timeout_s=2.0), lease_ttl_s=30.0)
+        timings: dict[str, list[float]] = {"nothing": [], "admit": [], "settle": []}
+        try:
+            for _ in range(ROUND_TRIPS):
+                lease_id = uuid.uuid4().hex
+                await asyncio.sleep(pause_s)
+                started = time.perf_counter()
+                await store._lane.call(nothing, [], [])
+                timings["nothing"].append(time.perf_counter() - started)
+                await asyncio.sleep(pause_s)
+                started = time.perf_counter()
+                admission = await store.admit(
+                    Reservation(f"{TENANT}-rt", lease_id, 60, (scope,), entry)
+                )
+                timings["admit"].append(time.perf_counter() - started)
+                assert admission.lease is not None
+                await asyncio.sleep(pause_s)
+                started = time.perf_counter()
+                await store.settle(admission.lease, 60, entry)
+                timings["settle"].append(time.perf_counter() - started)
+        finally:
+            await store.close()
+        return [statistics.median(timings[k]) * 1000 for k in ("nothing", "admit", "settle")]
+
+    return [
+        ["paced", *uvloop.run(rounds(UPSTREAM_DELAY_MS / 1000))],
+        ["back to back", *uvloop.run(rounds(0.0))],
+    ]
+
+
 def hop_floor(
     base_env: dict[str, str], fake: FakeUpstreamProcess, auth: dict[str, str], seconds: float
 ) -> list[list[object]]:
@@ -459,6 +518,8 @@ def main() -> None:
         store_rows: list[list[object]] = []
         if set(args.stores.split(",")) >= {"memory", "redis"}:
             store_rows = store_cost(base_env, work, redis, auth, min(args.seconds, 3.0))
+        trips: list[list[object]] = redis_round_trips(redis.url)
+        print(trips, flush=True)
         exact = exactness(base_env, tenants, redis.url)
         print(exact, flush=True)
     finally:
@@ -520,6 +581,15 @@ def main() -> None:
         ],
         store_rows,
     )
+    trips_table = markdown_table(
+        [
+            "calls",
+            "script that does nothing, p50 ms",
+            "admit, p50 ms",
+            "settle, p50 ms",
+        ],
+        trips,
+    )
     floor_table = markdown_table(
         [
             "mode",
@@ -534,6 +604,7 @@ def main() -> None:
     print(floor_table)
     print(held_table)
     print(store_table)
+    print(trips_table)
     print(exact_table)
     write_section(
         "gateway-overhead",
@@ -578,6 +649,15 @@ Redis percentile minus its memory percentile, median over the rounds (target
 at most 0.3 ms at p50):
 
 {store_table}
+
+What one call to that Redis costs by itself, from an otherwise idle process
+through the store's own connections (TCP), {ROUND_TRIPS} calls of each kind:
+"paced" waits {UPSTREAM_DELAY_MS} ms before each call, as a gateway at concurrency 1
+does between requests, so both processes sleep in between; "back to back"
+does not. Only the admit is on a request's path; the settle runs after the
+response:
+
+{trips_table}
 
 Quota exactness across replicas: three gateway processes on one Redis,
 every request sent at once, against a tokens-per-minute limit that fits

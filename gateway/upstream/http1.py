@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
@@ -91,7 +91,8 @@ def _target(url: str) -> _Target:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection and the response being read on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[_Connection], None]) -> None:
+        self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.in_use = False
@@ -136,6 +137,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """End the response: complete if its body runs until close, else broken."""
         self.closed = True
+        self._on_lost(self)
         if self.in_use and not self.complete and self.error is None:
             if self.head_done and self._until_close:
                 self.complete = True
@@ -437,7 +439,11 @@ class Http1Pool:
         try:
             async with asyncio.timeout(timeout_s):
                 _, conn = await loop.create_connection(
-                    _Connection, host, port, ssl=context, server_hostname=host if tls else None
+                    lambda: _Connection(self._forget),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if tls else None,
                 )
         except TimeoutError as exc:
             raise ConnectFailed(f"connecting to {host}:{port} timed out") from exc
