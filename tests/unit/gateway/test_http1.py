@@ -164,6 +164,18 @@ class ScriptedServer:
             await self._server.wait_closed()
 
 
+def sends_then_waits(*data: bytes, pause_s: float = 0.0) -> Handler:
+    """A handler that answers the first request with `data`, then waits for
+    the client to close the connection."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(*data, pause_s=pause_s)
+        await peer.wait_eof()
+
+    return handler
+
+
 def ok(body: bytes, *extra: str) -> bytes:
     """A 200 with a content-length body and extra raw header lines."""
     lines = ["HTTP/1.1 200 OK", f"content-length: {len(body)}", *extra]
@@ -188,6 +200,33 @@ def split_request(raw: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
 
 async def within(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, WAIT_S)
+
+
+async def closed_before_answer(server: ScriptedServer, pool: Http1Pool, *, received: bool) -> None:
+    """A request on the server's one connection fails as closed before its
+    head, and the pool keeps no connection."""
+    with pytest.raises(ConnectionClosed) as info:
+        await post(pool, server.url)
+    assert (info.value.answered, info.value.received) == (False, received)
+    assert server.accepted == 1
+    assert pool.open_connections == 0
+
+
+async def served_on_the_same_connection(
+    server: ScriptedServer, pool: Http1Pool, expected: bytes
+) -> None:
+    """The next request gets `expected` over the one connection so far."""
+    second = await post(pool, server.url)
+    assert await within(second.read()) == expected
+    assert server.accepted == 1
+
+
+async def served_on_a_second_connection(server: ScriptedServer, pool: Http1Pool) -> None:
+    """The next request gets its answer over a new connection (the first
+    one was not kept)."""
+    server.handler = answering(ok(b"next"))
+    assert await within((await post(pool, server.url)).read()) == b"next"
+    assert server.accepted == 2
 
 
 async def post(
@@ -369,9 +408,7 @@ async def test_informational_100_continue_is_skipped(
     assert response.headers == {"content-length": "5", "x-final": "1"}
     assert await within(response.read()) == b"final"
     # The connection stayed in a consistent state: the next exchange reuses it.
-    second = await post(pool, server.url)
-    assert await within(second.read()) == b"final"
-    assert server.accepted == 1
+    await served_on_the_same_connection(server, pool, b"final")
 
 
 async def test_204_without_length_ends_at_once_and_keeps_the_connection(
@@ -381,9 +418,7 @@ async def test_204_without_length_ends_at_once_and_keeps_the_connection(
     response = await post(pool, server.url)
     assert response.status == 204
     assert await within(response.read()) == b""
-    second = await post(pool, server.url)
-    assert await within(second.read()) == b"next"
-    assert server.accepted == 1
+    await served_on_the_same_connection(server, pool, b"next")
 
 
 async def test_error_status_is_a_response_not_an_exception(
@@ -545,11 +580,7 @@ async def test_request_answered_in_part_on_reused_connection_is_not_resent(
 
     server.handler = handler
     await within((await post(pool, server.url)).read())
-    with pytest.raises(ConnectionClosed) as info:
-        await post(pool, server.url)
-    assert (info.value.answered, info.value.received) == (False, True)
-    assert server.accepted == 1
-    assert pool.open_connections == 0
+    await closed_before_answer(server, pool, received=True)
 
 
 # --- body framing and streaming -------------------------------------------------
@@ -625,9 +656,7 @@ async def test_body_until_close_is_read_whole_and_not_reused(
     response = await post(pool, server.url)
     assert await within(response.read()) == b"part one, part two"
     assert pool.open_connections == 0
-    server.handler = answering(ok(b"fresh"))
-    assert await within((await post(pool, server.url)).read()) == b"fresh"
-    assert server.accepted == 2
+    await served_on_a_second_connection(server, pool)
 
 
 async def test_body_until_close_streamed_with_chunk(
@@ -658,12 +687,7 @@ async def test_whole_body_over_max_body_is_bad_response(
     monkeypatch.setattr(http1, "MAX_BODY", 1000)
     raw = ok(b"a" * 5000)
 
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(*([raw[:600], raw[600:]] if split else [raw]), pause_s=0.02)
-        await peer.wait_eof()
-
-    server.handler = handler
+    server.handler = sends_then_waits(*([raw[:600], raw[600:]] if split else [raw]), pause_s=0.02)
     response = await post(pool, server.url)
     with pytest.raises(BadResponse, match="exceeds 1000 bytes"):
         await within(response.read())
@@ -798,11 +822,7 @@ async def test_close_before_answering_on_fresh_connection_is_not_retried(
         await peer.read_request()
 
     server.handler = handler
-    with pytest.raises(ConnectionClosed) as info:
-        await post(pool, server.url)
-    assert (info.value.answered, info.value.received) == (False, False)
-    assert server.accepted == 1
-    assert pool.open_connections == 0
+    await closed_before_answer(server, pool, received=False)
 
 
 async def test_close_mid_body_fails_read_as_answered(
@@ -929,12 +949,7 @@ async def test_cancelled_request_closes_its_connection(
 async def test_malformed_head_is_bad_response(
     server: ScriptedServer, pool: Http1Pool, answer: bytes
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(answer)
-        await peer.wait_eof()
-
-    server.handler = handler
+    server.handler = sends_then_waits(answer)
     with pytest.raises(BadResponse, match="malformed"):
         await post(pool, server.url)
     await within(server.peers[0].eof.wait())
@@ -944,12 +959,7 @@ async def test_malformed_head_is_bad_response(
 async def test_malformed_chunked_body_is_bad_response(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(CHUNKED_HEAD + chunk(b"ok") + b"zz\r\nnot a chunk\r\n")
-        await peer.wait_eof()
-
-    server.handler = handler
+    server.handler = sends_then_waits(CHUNKED_HEAD + chunk(b"ok") + b"zz\r\nnot a chunk\r\n")
     response = await post(pool, server.url)
     with pytest.raises(BadResponse):
         await within(response.read())
@@ -968,18 +978,11 @@ async def test_protocol_switch_is_bad_response(server: ScriptedServer, pool: Htt
 async def test_unsolicited_bytes_on_idle_connection_close_it(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(ok(b"first"), b"HTTP/1.1 200 OK\r\n", pause_s=0.02)
-        await peer.wait_eof()
-
-    server.handler = handler
+    server.handler = sends_then_waits(ok(b"first"), b"HTTP/1.1 200 OK\r\n", pause_s=0.02)
     await within((await post(pool, server.url)).read())
     # The stray bytes made the idle connection unusable: the client drops it.
     await within(server.peers[0].eof.wait())
-    server.handler = answering(ok(b"second"))
-    assert await within((await post(pool, server.url)).read()) == b"second"
-    assert server.accepted == 2
+    await served_on_a_second_connection(server, pool)
 
 
 # --- closing ------------------------------------------------------------------
@@ -988,12 +991,7 @@ async def test_unsolicited_bytes_on_idle_connection_close_it(
 async def test_response_close_mid_body_closes_the_socket(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
-        await peer.wait_eof()
-
-    server.handler = handler
+    server.handler = sends_then_waits(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
     response = await post(pool, server.url)
     assert await within(response.chunk()) == b"0123456789"
     assert not response.ended
@@ -1001,20 +999,13 @@ async def test_response_close_mid_body_closes_the_socket(
     await within(server.peers[0].eof.wait())
     assert pool.open_connections == 0
     response.close()  # idempotent
-    server.handler = answering(ok(b"new"))
-    assert await within((await post(pool, server.url)).read()) == b"new"
-    assert server.accepted == 2
+    await served_on_a_second_connection(server, pool)
 
 
 async def test_release_before_the_body_ended_closes_the_socket(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(CHUNKED_HEAD + chunk(b"partial"))
-        await peer.wait_eof()
-
-    server.handler = handler
+    server.handler = sends_then_waits(CHUNKED_HEAD + chunk(b"partial"))
     response = await post(pool, server.url)
     assert await within(response.chunk()) == b"partial"
     response.release()

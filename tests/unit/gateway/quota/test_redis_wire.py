@@ -4,6 +4,8 @@ only when clean, a bounded number of them, recovery after a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -127,38 +129,38 @@ async def test_a_restarted_server_costs_no_failed_call(redis_server: RedisServer
 SET_KEY = ScriptCall("redis.call('SET', KEYS[1], ARGV[1]) return 1")
 
 
-async def test_password_and_database_from_the_url_apply(redis_server: RedisServer) -> None:
-    admin = Redis.from_url(redis_server.url)
-    await admin.config_set("requirepass", "s3cret")
+@contextlib.asynccontextmanager
+async def password_required(server: RedisServer, password: str) -> AsyncIterator[None]:
+    """The server asks for `password` inside the block."""
+    admin = Redis.from_url(server.url)
+    await admin.config_set("requirepass", password)
     try:
-        url = f"redis://:s3cret@127.0.0.1:{redis_server.port}/2"
-        lane = Lane(connect(url, timeout_s=2.0).connection_pool, max_connections=2)
-        assert await lane.call(SET_KEY, ["wire:db"], ["two"]) == 1
-        authed = Redis.from_url(url)
-        assert await authed.get("wire:db") == b"two"  # written to database 2
-        await authed.select(0)
-        assert await authed.get("wire:db") is None
-        await authed.aclose()
-        await lane.reset()
+        yield
     finally:
-        await admin.execute_command("AUTH", "s3cret")
+        await admin.execute_command("AUTH", password)
         await admin.config_set("requirepass", "")
         await admin.aclose()
 
 
+async def test_password_and_database_from_the_url_apply(redis_server: RedisServer) -> None:
+    async with password_required(redis_server, "s3cret"):
+        base = f"redis://:s3cret@127.0.0.1:{redis_server.port}"
+        lane = Lane(connect(f"{base}/2", timeout_s=2.0).connection_pool, max_connections=2)
+        assert await lane.call(SET_KEY, ["wire:db"], ["two"]) == 1
+        await lane.reset()
+        for db, expected in ((2, b"two"), (0, None)):
+            reader = Redis.from_url(f"{base}/{db}")
+            assert await reader.get("wire:db") == expected  # written to database 2 only
+            await reader.aclose()
+
+
 async def test_a_wrong_password_is_an_authentication_error(redis_server: RedisServer) -> None:
-    admin = Redis.from_url(redis_server.url)
-    await admin.config_set("requirepass", "s3cret")
-    try:
+    async with password_required(redis_server, "s3cret"):
         url = f"redis://:wrong@127.0.0.1:{redis_server.port}/0"
         lane = Lane(connect(url, timeout_s=2.0).connection_pool, max_connections=2)
         with pytest.raises(AuthenticationError):
             await lane.call(ECHO, [], ["x"])
         assert lane.idle == 0  # the refused connection was not kept
-    finally:
-        await admin.execute_command("AUTH", "s3cret")
-        await admin.config_set("requirepass", "")
-        await admin.aclose()
 
 
 async def test_a_unix_socket_url_is_served(redis_server: RedisServer) -> None:
