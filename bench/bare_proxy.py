@@ -4,7 +4,7 @@ client with nothing in between.
 An ASGI app on uvicorn (uvloop, the gateway's httptools protocol, one worker,
 no access log: as `tollgate gateway` runs) that forwards every
 request to one upstream over the gateway's own upstream connections
-(`gateway.upstream.proxy.new_session`) and relays the answer: whole, or chunk
+(`gateway.upstream.proxy.new_connections`) and relays the answer: whole, or chunk
 by chunk when the upstream streams. No auth, quotas, routing, queue, usage
 or logs. What it adds over calling the upstream directly is what any proxy
 built on this stack pays for the extra hop on the machine at hand;
@@ -22,7 +22,7 @@ import uvicorn
 
 from gateway.api.server_protocol import CoalescingHttpToolsProtocol
 from gateway.upstream.http1 import Http1Pool
-from gateway.upstream.proxy import new_session
+from gateway.upstream.proxy import new_connections
 
 _JSON = [(b"content-type", b"application/json")]
 _UPSTREAM_HEADERS = {"content-type": "application/json"}
@@ -38,7 +38,7 @@ def build_app(upstream: str) -> Any:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    session = new_session()
+                    session = new_connections()
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     if session is not None:

@@ -39,7 +39,7 @@ from gateway.services import Services, services_of
 from gateway.settings import GatewaySettings
 from gateway.upstream.health import ReplicaBook
 from gateway.upstream.monitor import ReplicaMonitor
-from gateway.upstream.proxy import UpstreamClient, new_session
+from gateway.upstream.proxy import UpstreamClient, new_connections
 from gateway.usage.drainer import build_drainer
 
 log = structlog.get_logger("tollgate.gateway")
@@ -136,7 +136,7 @@ def create_app(settings: GatewaySettings, *, tracing: Tracing | None = None) -> 
         tracer = tracing if tracing is not None else build_tracing(settings.otel_endpoint)
         async with (
             httpx.AsyncClient(limits=limits, http2=False) as http,
-            new_session() as upstream_session,
+            new_connections() as upstream_connections,
         ):
             watcher = PolicyWatcher(
                 settings.tenants_dir, settings.policies_dir, poll_interval_s=settings.policy_poll_s
@@ -169,7 +169,7 @@ def create_app(settings: GatewaySettings, *, tracing: Tracing | None = None) -> 
                     authenticator=authenticator,
                     policies=watcher,
                     upstream=UpstreamClient(
-                        upstream_session, replicas, on_error=metrics.upstream_error
+                        upstream_connections, replicas, on_error=metrics.upstream_error
                     ),
                     turns=turns,
                     queues=queues,

@@ -268,7 +268,7 @@ class Lane:
             if self._credentials is not None:
                 credentials = await self._credentials.get_credentials_async()
                 username, password = (None, *credentials)[-2:]
-            if password is not None:
+            if password:  # as redis-py: an empty password sends no AUTH
                 names = (username, password) if username else (password,)
                 await conn.request(_command("AUTH", *names))
             if self._db:

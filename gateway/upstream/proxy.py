@@ -61,7 +61,7 @@ ErrorHook = Callable[[str, ErrorKind], None]
 """Called with (pool, kind) for every failed attempt."""
 
 
-def new_session() -> Http1Pool:
+def new_connections() -> Http1Pool:
     """The process's upstream connections: unlimited in number (the priority
     queues bound concurrency), kept alive between requests."""
     return Http1Pool()
@@ -199,12 +199,12 @@ class UpstreamClient:
 
     def __init__(
         self,
-        session: Http1Pool,
+        connections: Http1Pool,
         book: ReplicaBook | None = None,
         *,
         on_error: ErrorHook | None = None,
     ):
-        self._session = session
+        self._connections = connections
         self._book = book
         self._on_error = on_error
 
@@ -296,7 +296,7 @@ class UpstreamClient:
             try:
                 # The first-byte timeout bounds the wait for the status line
                 # and headers; chunks() then applies the between-chunks budget.
-                response = await self._session.request(
+                response = await self._connections.request(
                     "POST",
                     replica.url,
                     path,
