@@ -342,7 +342,7 @@ def redis_round_trips(redis_url: str) -> list[list[object]]:
 
     from gateway.quota.limits import Reservation, Scope
     from gateway.quota.redis_store import RedisQuotaStore, connect
-    from gateway.quota.redis_wire import ScriptCall
+    from gateway.quota.redis_wire import Lane, ScriptCall
     from gateway.usage.record import UsageEntry
 
     big = 10**12
@@ -354,13 +354,14 @@ def redis_round_trips(redis_url: str) -> list[list[object]]:
 
     async def rounds(pause_s: float) -> list[object]:
         store = RedisQuotaStore(connect(redis_url, timeout_s=2.0), lease_ttl_s=30.0)
+        lane = Lane(connect(redis_url, timeout_s=2.0).connection_pool, max_connections=1)
         timings: dict[str, list[float]] = {"nothing": [], "admit": [], "settle": []}
         try:
             for _ in range(ROUND_TRIPS):
                 lease_id = uuid.uuid4().hex
                 await asyncio.sleep(pause_s)
                 started = time.perf_counter()
-                await store._lane.call(nothing, [], [])
+                await lane.call(nothing, [], [])
                 timings["nothing"].append(time.perf_counter() - started)
                 await asyncio.sleep(pause_s)
                 started = time.perf_counter()
@@ -374,6 +375,7 @@ def redis_round_trips(redis_url: str) -> list[list[object]]:
                 await store.settle(admission.lease, 60, entry)
                 timings["settle"].append(time.perf_counter() - started)
         finally:
+            await lane.reset()
             await store.close()
         return [statistics.median(timings[k]) * 1000 for k in ("nothing", "admit", "settle")]
 

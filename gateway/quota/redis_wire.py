@@ -19,7 +19,7 @@ on the benchmark's 2-core machine, uvloop, one scope with every limit):
   to see whether the server closed the socket) took 56 us of CPU and 92 us
   per trivial EVALSHA; a `_ScriptConnection` (one write, replies parsed by
   hiredis, the parser redis-py itself prefers, in the protocol callback)
-  takes about 39 us and 66 us. A connection here knows it was closed from
+  takes about 45 us and 77 us. A connection here knows it was closed from
   its own callback, without a syscall.
 
 Connections are opened with the settings of the client's pool: host and

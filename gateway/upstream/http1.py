@@ -4,7 +4,7 @@ by httptools (the parser uvicorn serves the gateway's own side with).
 Why not aiohttp, which this replaced on the request path: measured on the
 benchmark's 2-core machine against the fake upstream, sequential POSTs with
 uvloop, aiohttp's `ClientSession` spent 140 us of CPU per request and took
-208 us at p50; a connection of this module 35 us and 108 us. The gateway
+208 us at p50; this module 56 us and 121 us. The gateway
 pays its client twice per request (send and receive), inside a 1 ms budget.
 aiohttp builds a request object, a multidict of headers, a response object,
 a stream reader and timers for every request; a backend call needs one
