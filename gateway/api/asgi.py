@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from litestar import Response
 from litestar.background_tasks import BackgroundTask
@@ -30,6 +30,24 @@ from litestar.types import HTTPResponseStartEvent, Receive, Send
 JSON_TYPE = b"application/json"
 EVENT_STREAM_TYPE = b"text/event-stream; charset=utf-8"
 """What Litestar sends for ``media_type="text/event-stream"`` (charset added)."""
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """An answer's headers, and the same encoded for ASGI when made: the
+    handler makes them while the backend works, so that encoding them is
+    not on the way from the backend's answer to the client."""
+
+    headers: dict[str, str]
+    encoded: list[tuple[bytes, bytes]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoded = encode_headers(self.headers)
+
+
+def encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """``headers`` as ASGI's list of byte pairs."""
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 @dataclass(slots=True)
@@ -45,6 +63,8 @@ class Answer:
     stream that ended, was cancelled, or never started. The request's
     bookkeeping (log line, metrics, settling) goes here, so that the client
     does not wait for it."""
+    encoded: list[tuple[bytes, bytes]] | None = None
+    """``headers`` already encoded (`ResponseHead`); encoded when sent if None."""
 
     def to_response(self) -> Response[bytes] | Stream:
         """The same answer as a Litestar response (paths Litestar routes)."""
@@ -71,9 +91,12 @@ class Answer:
                 if self.after is not None:
                     await self.after()
             return
-        # Built in a call of its own: nothing of it stays referenced for the
-        # stream's whole life (1,000 held streams count every byte).
-        await send(self._start((b"content-type", EVENT_STREAM_TYPE)))
+        # The head is let go once sent: nothing of it stays referenced for
+        # the stream's whole life (1,000 held streams count every byte).
+        start = self._start((b"content-type", EVENT_STREAM_TYPE))
+        self.encoded = None
+        await send(start)
+        del start
         try:
             await _send_chunks(self.chunks, receive, send)
         finally:
@@ -81,8 +104,8 @@ class Answer:
                 await self.after()
 
     def _start(self, *extra: tuple[bytes, bytes]) -> HTTPResponseStartEvent:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
-        headers.extend(extra)
+        encoded = self.encoded if self.encoded is not None else encode_headers(self.headers)
+        headers = [*encoded, *extra]
         return {"type": "http.response.start", "status": 200, "headers": headers}
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -20,6 +19,7 @@ from litestar.exceptions import InternalServerException
 
 from gateway.auth.principal import Principal
 from gateway.errors import BadRequestError, PayloadTooLargeError
+from gateway.ids import new_id
 from gateway.policy.access import resolve_tenant
 from gateway.policy.compiled import Policy, TenantPolicy
 from gateway.routing.resolve import RouteDecision
@@ -43,7 +43,11 @@ class CallContext:
 
     def routed(self, decision: RouteDecision) -> CallContext:
         """This context with its routing decision."""
-        return replace(self, route=decision)
+        # Spelled out: `dataclasses.replace` costs several times as much, on
+        # every request.
+        return CallContext(
+            self.request_id, self.started, self.principal, self.tenant, self.policy, decision
+        )
 
 
 def request_id_for(request: Request[Any, Any, Any]) -> str:
@@ -51,7 +55,7 @@ def request_id_for(request: Request[Any, Any, Any]) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return new_id()
 
 
 async def authorize(

@@ -16,7 +16,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from gateway.api.asgi import Answer
+from gateway.api.asgi import Answer, ResponseHead
 from gateway.api.context import CallContext, authorize, read_json_object, request_id_for
 from gateway.api.sse import SseFramer, StreamUsage, usage_from
 from gateway.api.usage import draft_for
@@ -71,16 +71,29 @@ def _check_fields(body: dict[str, Any], kind: str) -> bool:
 
 
 # --- routing: model resolution headers -------------------------------
-def _response_headers(
-    ctx: CallContext, decision: RouteDecision, overhead_s: float
-) -> dict[str, str]:
-    return {
+def _answer_head(
+    ctx: CallContext,
+    decision: RouteDecision,
+    overhead_s: float,
+    grant: Grant,
+    slot: Slot,
+    stream: bool,
+) -> ResponseHead:
+    """The headers of a successful answer: which model served and why, the
+    gateway's overhead, the rate limits, the queue."""
+    headers = {
         "x-request-id": ctx.request_id,
         "x-tollgate-model": decision.route.name,
         "x-tollgate-model-version": decision.version.name,
         "x-tollgate-route": decision.header(),
         "x-tollgate-overhead-ms": f"{overhead_s * 1000:.3f}",
     }
+    headers.update(grant.headers)
+    headers["x-tollgate-priority"] = slot.priority
+    headers["x-tollgate-queue-ms"] = f"{slot.wait_s * 1000:.3f}"
+    if stream:
+        headers["cache-control"] = "no-cache"
+    return ResponseHead(headers)
 
 
 # --- end routing ---------------------------------------------------------------
@@ -269,24 +282,44 @@ async def _proxy(
         overhead = sent_at - ctx.started - slot.wait_s
         observer.sent(overhead)
         grant.sent = True
+        head: list[ResponseHead] = []
+
+        def prepare_head() -> None:
+            # Runs once the request is on its way (again on a retry: once is
+            # enough): the answer's headers, made while the backend works.
+            if not head:
+                head.append(_answer_head(ctx, decision, overhead, grant, slot, stream))
+
         if stream:
             upstream = await services.upstream.open(
-                replicas, path, payload, headers, pool.timeouts, cost=cost, pool=pool.name
+                replicas,
+                path,
+                payload,
+                headers,
+                pool.timeouts,
+                cost=cost,
+                pool=pool.name,
+                on_sent=prepare_head,
             )
             slot.keep()
         else:
             # Read whole while holding the slot, so that a replica dying
             # mid-response is retried on the next one.
             upstream, raw = await services.upstream.complete(
-                replicas, path, payload, headers, pool.timeouts, cost=cost, pool=pool.name
+                replicas,
+                path,
+                payload,
+                headers,
+                pool.timeouts,
+                cost=cost,
+                pool=pool.name,
+                on_sent=prepare_head,
             )
     ttfb = time.perf_counter() - sent_at
     grant.record.replica = upstream.replica.url
     upstream_span.set("tollgate.replica", upstream.replica.url)
-    response_headers = _response_headers(ctx, decision, overhead)
-    response_headers.update(grant.headers)
-    response_headers["x-tollgate-priority"] = slot.priority
-    response_headers["x-tollgate-queue-ms"] = f"{slot.wait_s * 1000:.3f}"
+    prepare_head()
+    response_head = head[0]
 
     def ended(usage: StreamUsage, outcome: str) -> None:
         # The request's end, either way it went: its usage record, settling,
@@ -325,7 +358,7 @@ async def _proxy(
             observer.first_byte()
             ended(usage, "ok")
 
-        return Answer(response_headers, raw, after=finish)
+        return Answer(response_head.headers, raw, after=finish, encoded=response_head.encoded)
 
     async def events() -> AsyncGenerator[bytes, None]:
         framer = SseFramer()
@@ -360,10 +393,14 @@ async def _proxy(
             ended(framer.usage, outcome)
             await upstream.close()
 
-    response_headers["cache-control"] = "no-cache"
     # `after` runs after the response even when the stream never started
     # (the client left first), so the request is still finished once.
-    return Answer(response_headers, chunks=events(), after=observer.after_stream)
+    return Answer(
+        response_head.headers,
+        chunks=events(),
+        after=observer.after_stream,
+        encoded=response_head.encoded,
+    )
 
 
 def _used_tokens(usage: StreamUsage) -> int | None:

@@ -313,6 +313,13 @@ class Policy:
     priority_classes: Mapping[str, PriorityClass]
     pricing: Pricing
     routing: RoutingPolicy = field(default_factory=RoutingPolicy)
+    longest_queue_wait_s: float = field(init=False)
+    """The longest ``max_queue_wait_s`` of any priority class (0 without
+    classes): how long any request may wait for a slot."""
+
+    def __post_init__(self) -> None:
+        longest = max((c.max_queue_wait_s for c in self.priority_classes.values()), default=0.0)
+        object.__setattr__(self, "longest_queue_wait_s", longest)
 
     def tenant(self, tenant_id: str) -> TenantPolicy | None:
         """The tenant with this id, or None."""

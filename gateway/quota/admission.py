@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ from gateway.errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
+from gateway.ids import new_id
 from gateway.policy.compiled import ModelRoute, Policy, TenantPolicy
 from gateway.quota.breaker import CircuitBreaker, GuardedStore
 from gateway.quota.headers import format_duration, rate_limit_headers
@@ -111,8 +111,9 @@ class Grant:
         *,
         prompt_tokens: int,
         reserved_tokens: int,
-        headers: dict[str, str],
         keeper: LeaseKeeper | None,
+        figures: tuple[Figure, ...] = (),
+        request_id: str | None = None,
         record: RecordDraft | None = None,
         charge_unknown: ChargeUnknown = "reserved",
         unleased: Lease | None = None,
@@ -121,9 +122,9 @@ class Grant:
         self.prompt_tokens = prompt_tokens
         self.reserved_tokens = reserved_tokens
         """prompt + max_tokens: what the queue can order by, too."""
-        self.headers = headers
-        """`x-ratelimit-*` (and `x-tollgate-request-id` with the ledger on)
-        for the response (empty when nothing was counted)."""
+        self._figures = figures
+        self._request_id = request_id
+        self._headers: dict[str, str] | None = None
         self._keeper = keeper
         self._ledger = record is not None
         self.record = record if record is not None else RecordDraft("", "", "")
@@ -135,6 +136,19 @@ class Grant:
         self.sent = False
         """Set just before the request goes to a backend: from then on a
         failure may have consumed tokens."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`x-ratelimit-*` (and `x-tollgate-request-id` with the ledger on)
+        for the response (empty when nothing was counted)."""
+        # Formatted on first use, which on the request path is while the
+        # backend works: the client does not wait for it.
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = rate_limit_headers(self._figures)
+            if self._request_id is not None:
+                headers[REQUEST_ID_HEADER] = self._request_id
+        return headers
 
     def _finish_soon(
         self, quota_tokens: int | None, *, reached: bool, reported: int | None = None
@@ -265,7 +279,7 @@ class Quota:
         draft = record or RecordDraft(
             tenant.tenant_id, route.name, route.name, bool(body.get("stream")), app=app_id
         )
-        draft.request_id = uuid.uuid4().hex
+        draft.request_id = new_id()
         draft.prompt_estimate, draft.reserved_tokens = prompt, reserved
         reservation = reservation_for(
             tenant,
@@ -277,9 +291,7 @@ class Quota:
         )
         lease_name = Lease(tenant.tenant_id, reservation.lease_id, reserved)
         if not reservation.scopes and not self.ledger:
-            return Grant(
-                None, prompt_tokens=prompt, reserved_tokens=reserved, headers={}, keeper=None
-            )
+            return Grant(None, prompt_tokens=prompt, reserved_tokens=reserved, keeper=None)
         try:
             admission = await self.store.admit(reservation)
         except StoreUnavailableError as exc:
@@ -296,20 +308,18 @@ class Quota:
                     )
                 self.keeper.finish(lease_name, None, void)
             return self._store_failed(tenant, exc, prompt, reserved, draft, lease_name)
-        headers = rate_limit_headers(admission.figures)
         if admission.lease is None:
-            refusal = _refusal(admission, reservation.tokens, headers)
+            refusal = _refusal(admission, reservation.tokens, rate_limit_headers(admission.figures))
             self._denied(tenant, refusal.limit)
             raise refusal.error
-        if self.ledger:
-            headers[REQUEST_ID_HEADER] = draft.request_id
         self.keeper.track(admission.lease, _horizon_s(policy, route, self.lease_ttl_s))
         return Grant(
             admission.lease,
             prompt_tokens=prompt,
             reserved_tokens=reservation.tokens,
-            headers=headers,
             keeper=self.keeper,
+            figures=admission.figures,
+            request_id=draft.request_id if self.ledger else None,
             record=draft if self.ledger else None,
             charge_unknown=self.charge_unknown,
         )
@@ -327,16 +337,14 @@ class Quota:
             self.fail_open_admits += 1
             log.warning("quota_fail_open", tenant=tenant.tenant_id, error=str(exc))
             if not self.ledger:
-                return Grant(
-                    None, prompt_tokens=prompt, reserved_tokens=reserved, headers={}, keeper=None
-                )
+                return Grant(None, prompt_tokens=prompt, reserved_tokens=reserved, keeper=None)
             # Served uncounted, but billed: its record is appended on its own.
             return Grant(
                 None,
                 prompt_tokens=prompt,
                 reserved_tokens=reserved,
-                headers={REQUEST_ID_HEADER: draft.request_id},
                 keeper=self.keeper,
+                request_id=draft.request_id,
                 record=draft,
                 charge_unknown=self.charge_unknown,
                 unleased=lease_name,
@@ -383,8 +391,7 @@ def _output_tokens(body: dict[str, Any], limit: int | None, route: ModelRoute, p
 def _horizon_s(policy: Policy, route: ModelRoute, ttl_s: float) -> float:
     """How long a request may legitimately hold its lease: the longest queue
     wait plus the upstream deadline (renewal stops after that)."""
-    longest_wait = max((c.max_queue_wait_s for c in policy.priority_classes.values()), default=0.0)
-    return longest_wait + route.pool.timeouts.total_s + ttl_s
+    return policy.longest_queue_wait_s + route.pool.timeouts.total_s + ttl_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,11 +25,11 @@ live in one slot. App and model names may contain `:` but never `|`, so the
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gateway.ids import new_id
 from gateway.policy.compiled import Limits, TenantPolicy
 from gateway.usage.record import UsageEntry
 
@@ -229,7 +229,7 @@ def reservation_for(
     """A reservation of `tokens` (prompt + max_tokens) for one request."""
     return Reservation(
         tenant_id=tenant.tenant_id,
-        lease_id=lease_id or uuid.uuid4().hex,
+        lease_id=lease_id or new_id(),
         tokens=tokens,
         scopes=scopes_for(tenant, app_id, model),
         usage=usage,

@@ -372,10 +372,13 @@ class Http1Pool:
         *,
         connect_timeout_s: float,
         first_byte_timeout_s: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> Response:
         """Send `body` to `path` under the base `url` and return once the
         status and headers arrived (any method whose answer has the body its
-        head announces: not HEAD).
+        head announces: not HEAD). `on_sent` runs each time the request was
+        handed to a connection, before waiting for the answer: work the
+        response needs, done while the backend works.
 
         Raises `ConnectFailed` (no connection within `connect_timeout_s`),
         `ConnectionClosed` or `BadResponse` (no valid head), `TimeoutError`
@@ -389,20 +392,27 @@ class Http1Pool:
         conn = self._take(target.key)
         if conn is not None:
             try:
-                return await self._exchange(conn, target, request, first_byte_timeout_s)
+                return await self._exchange(conn, target, request, first_byte_timeout_s, on_sent)
             except ConnectionClosed as exc:
                 if exc.received:
                     raise
                 # The backend closed this idle connection as the request left:
                 # nothing was answered, send it on a new connection.
         conn = await self._connect(target, connect_timeout_s)
-        return await self._exchange(conn, target, request, first_byte_timeout_s)
+        return await self._exchange(conn, target, request, first_byte_timeout_s, on_sent)
 
     async def _exchange(
-        self, conn: _Connection, target: _Target, request: bytes, timeout_s: float
+        self,
+        conn: _Connection,
+        target: _Target,
+        request: bytes,
+        timeout_s: float,
+        on_sent: Callable[[], None] | None,
     ) -> Response:
         try:
             conn.send(request)
+            if on_sent is not None:
+                on_sent()
             async with asyncio.timeout(timeout_s):
                 await conn.head()
         except BaseException:

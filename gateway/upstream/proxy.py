@@ -105,8 +105,13 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body, within the total deadline."""
         try:
-            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+            if self.response.ended:
+                # Usual for a short answer: it came with its head, and no
+                # timer is needed to read what is already here.
                 body = await self.response.read()
+            else:
+                async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                    body = await self.response.read()
         except TimeoutError as exc:
             self._finish("the response did not finish in time", "timeout")
             raise UpstreamTimeoutError("the backend did not finish in time") from exc
@@ -219,12 +224,14 @@ class UpstreamClient:
         cost: int = 0,
         deadline: float | None = None,
         pool: str = "",
+        on_sent: Callable[[], None] | None = None,
     ) -> UpstreamResponse:
         """POST `body` to `replicas` in order until one answers below 500 and
         return once its status and headers arrived; errors are raised as
         gateway errors. `cost` (prompt + max_tokens) is booked as in flight
         on the replica until the response ends; `pool` names the replicas'
-        pool to the error hook."""
+        pool to the error hook; `on_sent` runs each time the request went out
+        (see `Http1Pool.request`)."""
         if not replicas:
             raise ServiceUnavailableError("no backend replica is configured for this model")
         if deadline is None:
@@ -234,7 +241,7 @@ class UpstreamClient:
         for attempt, replica in enumerate(replicas, 1):
             try:
                 upstream = await self._attempt(
-                    replica, path, body, headers, timeouts, deadline, cost, pool
+                    replica, path, body, headers, timeouts, deadline, cost, pool, on_sent
                 )
             except _TryNext as retry:
                 # A backend's own error says more than a refused connection.
@@ -256,6 +263,7 @@ class UpstreamClient:
         *,
         cost: int = 0,
         pool: str = "",
+        on_sent: Callable[[], None] | None = None,
     ) -> tuple[UpstreamResponse, bytes]:
         """`open`, then read the whole body; a replica whose connection breaks
         mid-response is retried on the next one (nothing reached the client)."""
@@ -264,7 +272,15 @@ class UpstreamClient:
         tried = 0
         while True:
             upstream = await self.open(
-                remaining, path, body, headers, timeouts, cost=cost, deadline=deadline, pool=pool
+                remaining,
+                path,
+                body,
+                headers,
+                timeouts,
+                cost=cost,
+                deadline=deadline,
+                pool=pool,
+                on_sent=on_sent,
             )
             used = upstream.num_attempts
             tried += used
@@ -288,6 +304,7 @@ class UpstreamClient:
         deadline: float,
         cost: int,
         pool: str,
+        on_sent: Callable[[], None] | None,
     ) -> UpstreamResponse:
         state = self._book.get(replica.url) if self._book is not None else None
         ticket = state.begin(cost) if state is not None else None
@@ -304,6 +321,7 @@ class UpstreamClient:
                     headers,
                     connect_timeout_s=timeouts.connect_s,
                     first_byte_timeout_s=timeouts.first_byte_s,
+                    on_sent=on_sent,
                 )
             except _RETRYABLE as exc:
                 failure = ServiceUnavailableError(
