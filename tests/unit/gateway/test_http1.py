@@ -569,6 +569,83 @@ async def test_request_on_connection_closed_as_it_was_sent_is_resent_once(
     assert [split_request(r)[2] for r in server.requests] == [b"{}", b"payload", b"payload"]
 
 
+async def test_on_sent_runs_after_the_request_left_and_before_the_answer(
+    server: ScriptedServer, pool: Http1Pool
+) -> None:
+    answer = asyncio.Event()
+    sent = asyncio.Event()
+    seen: list[tuple[int, bool]] = []
+
+    def on_sent() -> None:
+        seen.append((len(server.requests), answer.is_set()))
+        sent.set()
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await answer.wait()
+        await peer.send(ok(b"done"))
+
+    server.handler = handler
+    request = asyncio.ensure_future(
+        pool.request(
+            "POST",
+            server.url,
+            "/v1/x",
+            b"{}",
+            {},
+            connect_timeout_s=WAIT_S,
+            first_byte_timeout_s=WAIT_S,
+            on_sent=on_sent,
+        )
+    )
+    # The hook ran while the server still holds its answer back.
+    await within(sent.wait())
+    answer.set()
+    response = await within(request)
+    assert await within(response.read()) == b"done"
+    assert seen == [(0, False)]  # once, as the bytes were handed over
+
+    # Nothing was sent where nobody listens: no hook.
+    with pytest.raises(ConnectFailed):
+        await pool.request(
+            "POST",
+            f"http://127.0.0.1:{free_port()}",
+            "/v1/x",
+            b"{}",
+            {},
+            connect_timeout_s=WAIT_S,
+            first_byte_timeout_s=WAIT_S,
+            on_sent=lambda: seen.append((-1, False)),
+        )
+    assert seen == [(0, False)]
+
+
+async def test_on_sent_runs_again_when_a_stale_connection_is_replaced(
+    server: ScriptedServer, pool: Http1Pool
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(ok(b"first"))
+        await peer.read_request()  # then closes, unanswered
+
+    server.handler = handler
+    await within((await post(pool, server.url)).read())
+    server.handler = answering(ok(b"second"))
+    calls: list[int] = []
+    response = await pool.request(
+        "POST",
+        server.url,
+        "/v1/x",
+        b"{}",
+        {},
+        connect_timeout_s=WAIT_S,
+        first_byte_timeout_s=WAIT_S,
+        on_sent=lambda: calls.append(server.accepted),
+    )
+    assert await within(response.read()) == b"second"
+    assert calls == [1, 2]  # on the stale connection, then on the new one
+
+
 async def test_request_answered_in_part_on_reused_connection_is_not_resent(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:

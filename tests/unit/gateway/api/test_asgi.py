@@ -10,7 +10,7 @@ import pytest
 from litestar import Response
 from litestar.response import Stream
 
-from gateway.api.asgi import Answer
+from gateway.api.asgi import Answer, ResponseHead
 
 
 class Connection:
@@ -46,6 +46,30 @@ async def test_a_whole_body_goes_out_with_litestars_headers() -> None:
         ],
     }
     assert body == {"type": "http.response.body", "body": b'{"ok":true}', "more_body": False}
+
+
+async def test_a_head_made_ahead_goes_out_as_made_and_the_stream_lets_it_go() -> None:
+    head = ResponseHead({"x-request-id": "r1", "x-tollgate-model": "m"})
+    assert head.encoded == [(b"x-request-id", b"r1"), (b"x-tollgate-model", b"m")]
+    conn = Connection()
+    await Answer(head.headers, b"{}", encoded=head.encoded).send(conn.receive, conn.send)
+    assert conn.sent[0]["headers"] == [
+        *head.encoded,
+        (b"content-type", b"application/json"),
+        (b"content-length", b"2"),
+    ]
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield b"data: 1\n\n"
+
+    answer = Answer(head.headers, chunks=chunks(), encoded=head.encoded)
+    conn = Connection()
+    await answer.send(conn.receive, conn.send)
+    assert conn.sent[0]["headers"] == [
+        *head.encoded,
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+    ]
+    assert answer.encoded is None  # nothing of the head stays with a held stream
 
 
 async def test_a_whole_bodys_after_hook_runs_once_the_body_was_handed_over() -> None:
