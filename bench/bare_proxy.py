@@ -99,6 +99,7 @@ def main() -> None:
         port=args.port,
         lifespan="on",
         http=CoalescingHttpToolsProtocol,
+        proxy_headers=False,  # as `tollgate gateway` serves
         access_log=False,
         log_level="warning",
     )

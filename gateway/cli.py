@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.settings import GatewaySettings
@@ -260,11 +260,27 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_options() -> dict[str, Any]:
+    """How `tollgate gateway` runs uvicorn, with one worker or several."""
+    from gateway.api.server_protocol import CoalescingHttpToolsProtocol
+
+    return {
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": 10,
+        "http": CoalescingHttpToolsProtocol,
+        # Nothing reads the client's address or scheme, so uvicorn's
+        # rewriting of them from X-Forwarded-* would wrap every request for
+        # nothing.
+        "proxy_headers": False,
+    }
+
+
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from gateway.api.server_protocol import CoalescingHttpToolsProtocol
     from gateway.app import create_app
     from gateway.logging import configure_logging
     from gateway.settings import GatewaySettings
@@ -318,23 +334,10 @@ def _gateway(args: argparse.Namespace) -> int:
             workers=settings.workers,
             host=settings.host,
             port=settings.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-            http=CoalescingHttpToolsProtocol,
+            **_server_options(),
         )
         return 0
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-        http=CoalescingHttpToolsProtocol,
-    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **_server_options())
     return 0
 
 

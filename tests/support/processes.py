@@ -213,6 +213,7 @@ class InProcessGateway:
             log_level="warning",
             lifespan="on",
             http=CoalescingHttpToolsProtocol,  # as `tollgate gateway` serves
+            proxy_headers=False,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
