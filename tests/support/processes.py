@@ -127,12 +127,20 @@ class ServiceProcess:
     ready once `ready_path` answers 200; its output goes to a log file."""
 
     def __init__(
-        self, module_argv: list[str], ready_path: str, env: Mapping[str, str] | None = None
+        self,
+        module_argv: list[str],
+        ready_path: str,
+        env: Mapping[str, str] | None = None,
+        *,
+        cwd: Path = REPO,
     ) -> None:
+        """``cwd``: the checkout whose code runs (the module is imported from
+        it first); this one unless a benchmark compares another."""
         self.port = free_port()
         self.argv = module_argv
         self.ready_path = ready_path
         self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
         name = module_argv[0]
         self.log_path = Path(tempfile.mkstemp(prefix=f"tollgate-{name}-", suffix=".log")[1])
@@ -147,7 +155,7 @@ class ServiceProcess:
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", *self.argv, "--port", str(self.port)],
-            cwd=REPO,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -180,8 +188,8 @@ class BackendProcess(ServiceProcess):
 class GatewayProcess(ServiceProcess):
     """`tollgate gateway` as a subprocess."""
 
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
-        super().__init__(["gateway", "gateway", *args], "/healthz", env)
+    def __init__(self, env: Mapping[str, str], *args: str, cwd: Path = REPO) -> None:
+        super().__init__(["gateway", "gateway", *args], "/healthz", env, cwd=cwd)
 
 
 class FakeUpstreamProcess(ServiceProcess):
