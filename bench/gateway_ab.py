@@ -47,12 +47,16 @@ from tests.support.processes import FakeUpstreamProcess, GatewayProcess, RedisSe
 SIDES = ("base", "this")
 
 
+def _git(*args: str) -> str:
+    """What a git command in this checkout prints, stripped."""
+    done = subprocess.run(["git", *args], cwd=REPO, check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 @contextmanager
 def worktree(rev: str) -> Iterator[tuple[Path, str]]:
     """``rev`` checked out in a temporary worktree, and its short hash."""
-    short = subprocess.run(
-        ["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True, text=True
-    ).stdout.strip()
+    short = _git("rev-parse", "--short", rev)
     path = Path(tempfile.mkdtemp(prefix="tollgate-base-")) / "tree"
     subprocess.run(
         ["git", "worktree", "add", "--detach", str(path), rev],
@@ -130,20 +134,8 @@ def main() -> None:
     from gateway.auth.settings import AuthSettings
 
     machine = machine_line()
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    head = _git("rev-parse", "--short", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
     this_name = f"{head}{' with uncommitted changes' if dirty else ''}"
     token = mint_token(AuthSettings(hs_secret=SECRET), tenant=TENANT, app="bench")
     auth = {"authorization": f"Bearer {token}"}

@@ -290,30 +290,17 @@ async def _proxy(
             if not head:
                 head.append(_answer_head(ctx, decision, overhead, grant, slot, stream))
 
+        request_args = (replicas, path, payload, headers, pool.timeouts)
         if stream:
             upstream = await services.upstream.open(
-                replicas,
-                path,
-                payload,
-                headers,
-                pool.timeouts,
-                cost=cost,
-                pool=pool.name,
-                on_sent=prepare_head,
+                *request_args, cost=cost, pool=pool.name, on_sent=prepare_head
             )
             slot.keep()
         else:
             # Read whole while holding the slot, so that a replica dying
             # mid-response is retried on the next one.
             upstream, raw = await services.upstream.complete(
-                replicas,
-                path,
-                payload,
-                headers,
-                pool.timeouts,
-                cost=cost,
-                pool=pool.name,
-                on_sent=prepare_head,
+                *request_args, cost=cost, pool=pool.name, on_sent=prepare_head
             )
     ttfb = time.perf_counter() - sent_at
     grant.record.replica = upstream.replica.url

@@ -236,6 +236,7 @@ async def post(
     body: bytes = b"{}",
     headers: Mapping[str, str] | None = None,
     first_byte_s: float = WAIT_S,
+    on_sent: Callable[[], None] | None = None,
 ) -> Response:
     return await pool.request(
         "POST",
@@ -245,6 +246,7 @@ async def post(
         headers or {},
         connect_timeout_s=WAIT_S,
         first_byte_timeout_s=first_byte_s,
+        on_sent=on_sent,
     )
 
 
@@ -586,18 +588,7 @@ async def test_on_sent_runs_after_the_request_left_and_before_the_answer(
         await peer.send(ok(b"done"))
 
     server.handler = handler
-    request = asyncio.ensure_future(
-        pool.request(
-            "POST",
-            server.url,
-            "/v1/x",
-            b"{}",
-            {},
-            connect_timeout_s=WAIT_S,
-            first_byte_timeout_s=WAIT_S,
-            on_sent=on_sent,
-        )
-    )
+    request = asyncio.ensure_future(post(pool, server.url, on_sent=on_sent))
     # The hook ran while the server still holds its answer back.
     await within(sent.wait())
     answer.set()
@@ -607,15 +598,8 @@ async def test_on_sent_runs_after_the_request_left_and_before_the_answer(
 
     # Nothing was sent where nobody listens: no hook.
     with pytest.raises(ConnectFailed):
-        await pool.request(
-            "POST",
-            f"http://127.0.0.1:{free_port()}",
-            "/v1/x",
-            b"{}",
-            {},
-            connect_timeout_s=WAIT_S,
-            first_byte_timeout_s=WAIT_S,
-            on_sent=lambda: seen.append((-1, False)),
+        await post(
+            pool, f"http://127.0.0.1:{free_port()}", on_sent=lambda: seen.append((-1, False))
         )
     assert seen == [(0, False)]
 
@@ -632,16 +616,7 @@ async def test_on_sent_runs_again_when_a_stale_connection_is_replaced(
     await within((await post(pool, server.url)).read())
     server.handler = answering(ok(b"second"))
     calls: list[int] = []
-    response = await pool.request(
-        "POST",
-        server.url,
-        "/v1/x",
-        b"{}",
-        {},
-        connect_timeout_s=WAIT_S,
-        first_byte_timeout_s=WAIT_S,
-        on_sent=lambda: calls.append(server.accepted),
-    )
+    response = await post(pool, server.url, on_sent=lambda: calls.append(server.accepted))
     assert await within(response.read()) == b"second"
     assert calls == [1, 2]  # on the stale connection, then on the new one
 
