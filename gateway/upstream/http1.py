@@ -98,7 +98,12 @@ class _Connection(asyncio.Protocol):
         self.in_use = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None
+        """When the wait in progress times out (the loop's clock); None: never."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -137,6 +142,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """End the response: complete if its body runs until close, else broken."""
         self.closed = True
+        self._disarm()
         self._on_lost(self)
         if self.in_use and not self.complete and self.error is None:
             if self.head_done and self._until_close:
@@ -213,6 +219,7 @@ class _Connection(asyncio.Protocol):
             return
         self.keep_alive = self._parser.should_keep_alive()
         self.complete = True
+        self._disarm()
         self._wake()
 
     # --- for Response ------------------------------------------------------
@@ -227,12 +234,48 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+    async def _wait(self, deadline: float | None) -> None:
+        """Wait for the response's next event; TimeoutError at `deadline` (the
+        loop's clock; None: never).
+
+        One timer per connection, pushed forward rather than replaced: a
+        stream waits once per chunk, and an `asyncio.timeout` each time
+        would add and cancel a timer per chunk (about 5 us each on uvloop).
+        """
+        loop = self._loop
+        self._deadline = deadline
+        if deadline is not None:
+            if loop.time() >= deadline:
+                raise TimeoutError
+            timer = self._timer
+            if timer is None or self._timer_at > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._on_timer)
+                self._timer_at = deadline
+        waiter = self._waiter = loop.create_future()
         try:
             await waiter
         finally:
             self._waiter = None
+
+    def _on_timer(self) -> None:
+        # Due when the deadline was not pushed past the time this timer was
+        # set for; else set it again for the deadline in force.
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return
+        if deadline <= self._timer_at:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def send(self, request: bytes) -> None:
         """Start a request on this (idle) connection."""
@@ -241,15 +284,17 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(request)
 
-    async def head(self) -> None:
-        """Wait for the status line and headers."""
+    async def head(self, timeout_s: float) -> None:
+        """Wait for the status line and headers, at most `timeout_s`."""
+        deadline = self._loop.time() + timeout_s
         while not self.head_done:
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            await self._wait(deadline)
 
-    async def whole(self) -> bytes:
-        """Wait for the whole body."""
+    async def whole(self, timeout_s: float | None = None) -> bytes:
+        """Wait for the whole body, at most `timeout_s` (None: no limit)."""
+        deadline = None if timeout_s is None else self._loop.time() + timeout_s
         self._whole = True
         if self._buffered > MAX_BODY:
             self._too_large()
@@ -259,13 +304,14 @@ class _Connection(asyncio.Protocol):
                 raise self.error
             if self.complete:
                 break
-            await self._wait()
+            await self._wait(deadline)
         body = self._body
         return body[0] if len(body) == 1 else b"".join(body)
 
-    async def chunk(self) -> bytes:
-        """The body bytes that arrived since the last call (waiting for some);
-        b"" once the body ended."""
+    async def chunk(self, timeout_s: float | None = None) -> bytes:
+        """The body bytes that arrived since the last call (waiting for some,
+        at most `timeout_s`; None: no limit); b"" once the body ended."""
+        deadline: float | None = None
         while True:
             if self._body:
                 body = self._body
@@ -278,10 +324,13 @@ class _Connection(asyncio.Protocol):
                 return b""
             if self.error is not None:
                 raise self.error
-            await self._wait()
+            if timeout_s is not None and deadline is None:
+                deadline = self._loop.time() + timeout_s
+            await self._wait(deadline)
 
     def close(self) -> None:
         """Close the connection (what cancels a request on the backend)."""
+        self._disarm()
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -302,26 +351,28 @@ class Response:
         self.headers = conn.headers
         """Header names in lower case; repeated ones joined with commas."""
 
-    async def read(self) -> bytes:
-        """The whole body (at most `MAX_BODY` bytes); the connection is then
-        released. Raises `HttpClientError` when the body does not arrive whole."""
+    async def read(self, timeout_s: float | None = None) -> bytes:
+        """The whole body (at most `MAX_BODY` bytes) within `timeout_s` (None:
+        no limit); the connection is then released. Raises `HttpClientError`
+        when the body does not arrive whole, TimeoutError when not in time."""
         conn = self._conn
         if conn is None:
             raise HttpClientError("the response was already released")
         try:
-            return await conn.whole()
+            return await conn.whole(timeout_s)
         finally:
             self.release()
 
-    async def chunk(self) -> bytes:
-        """The next body bytes, b"" at the end. Raises `HttpClientError` when
-        the connection breaks first."""
+    async def chunk(self, timeout_s: float | None = None) -> bytes:
+        """The next body bytes, b"" at the end, waiting at most `timeout_s`
+        (None: no limit). Raises `HttpClientError` when the connection breaks
+        first, TimeoutError when nothing came in time."""
         conn = self._conn
         if conn is None:
             if self._ended:
                 return b""
             raise HttpClientError("the response was closed before its end")
-        return await conn.chunk()
+        return await conn.chunk(timeout_s)
 
     @property
     def ended(self) -> bool:
@@ -413,8 +464,7 @@ class Http1Pool:
             conn.send(request)
             if on_sent is not None:
                 on_sent()
-            async with asyncio.timeout(timeout_s):
-                await conn.head()
+            await conn.head(timeout_s)
         except BaseException:
             conn.close()
             self._forget(conn)

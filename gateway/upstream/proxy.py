@@ -22,7 +22,6 @@ load and health probes) keep httpx.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -105,13 +104,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body, within the total deadline."""
         try:
-            if self.response.ended:
-                # Usual for a short answer: it came with its head, and no
-                # timer is needed to read what is already here.
-                body = await self.response.read()
-            else:
-                async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-                    body = await self.response.read()
+            body = await self.response.read(max(0.0, self.deadline - time.monotonic()))
         except TimeoutError as exc:
             self._finish("the response did not finish in time", "timeout")
             raise UpstreamTimeoutError("the backend did not finish in time") from exc
@@ -128,8 +121,7 @@ class UpstreamResponse:
         try:
             while True:
                 budget = min(self.timeouts.between_chunks_s, self.deadline - time.monotonic())
-                async with asyncio.timeout(max(0.0, budget)):
-                    chunk = await response.chunk()
+                chunk = await response.chunk(max(0.0, budget))
                 if not chunk:
                     return
                 yield chunk
@@ -338,8 +330,7 @@ class UpstreamClient:
                 raise UpstreamError("the backend connection failed") from exc
             if response.status >= 400:
                 try:
-                    async with asyncio.timeout(timeouts.first_byte_s):
-                        raw = await response.read()
+                    raw = await response.read(timeouts.first_byte_s)
                 except (HttpClientError, TimeoutError):
                     raw = b""  # the status alone says enough
                 error = _error_from_backend(response.status, raw, response.headers)

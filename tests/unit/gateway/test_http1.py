@@ -971,6 +971,75 @@ async def test_no_answer_within_first_byte_timeout_is_timeout_and_closes(
     assert pool.open_connections == 0
 
 
+async def test_a_steady_stream_outlasts_its_per_chunk_timeout_many_times(
+    server: ScriptedServer, pool: Http1Pool
+) -> None:
+    # Eight chunks 0.1 s apart take twice the 0.4 s allowed between chunks:
+    # each wait gets its own 0.4 s, whatever the one timer was first set to.
+    parts = [chunk(b"%d" % i) for i in range(8)]
+    server.handler = sends_then_waits(CHUNKED_HEAD, *parts, LAST_CHUNK, pause_s=0.1)
+    response = await post(pool, server.url)
+    got = []
+    while data := await within(response.chunk(0.4)):
+        got.append(data)
+    assert b"".join(got) == b"01234567"
+
+
+async def test_a_stall_after_some_chunks_times_out_on_time(
+    server: ScriptedServer, pool: Http1Pool
+) -> None:
+    server.handler = sends_then_waits(CHUNKED_HEAD, chunk(b"a"), chunk(b"b"), pause_s=0.05)
+    response = await post(pool, server.url)
+    assert await within(response.chunk(5.0)) == b"a"
+    assert await within(response.chunk(5.0)) == b"b"
+    # A shorter budget than the timer already set: it must not wait 5 s.
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await within(response.chunk(0.2))
+    assert 0.19 <= time.monotonic() - start < 1.5
+    # Nothing can be waited for in no time at all.
+    with pytest.raises(TimeoutError):
+        await within(response.chunk(0.0))
+
+
+async def test_a_whole_body_that_stops_coming_times_out(
+    server: ScriptedServer, pool: Http1Pool
+) -> None:
+    server.handler = sends_then_waits(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+    response = await post(pool, server.url)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await within(response.read(0.2))
+    assert 0.19 <= time.monotonic() - start < 1.5
+
+
+async def test_a_reused_connections_wait_is_not_cut_short_by_the_last_responses_timer(
+    server: ScriptedServer, pool: Http1Pool
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(CHUNKED_HEAD, chunk(b"x"), LAST_CHUNK)
+        await peer.read_request()
+        await asyncio.sleep(0.4)  # longer than the first response's budget
+        await peer.send(ok(b"late"))
+        await peer.wait_eof()
+
+    server.handler = handler
+    first = await post(pool, server.url)
+    assert await read_all_within(first, 0.2) == b"x"
+    first.release()
+    second = await post(pool, server.url, first_byte_s=2.0)
+    assert await within(second.read()) == b"late"
+    assert server.accepted == 1
+
+
+async def read_all_within(response: Response, timeout_s: float) -> bytes:
+    parts = []
+    while data := await within(response.chunk(timeout_s)):
+        parts.append(data)
+    return b"".join(parts)
+
+
 async def test_cancelled_request_closes_its_connection(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
