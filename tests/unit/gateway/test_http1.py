@@ -176,6 +176,17 @@ def sends_then_waits(*data: bytes, pause_s: float = 0.0) -> Handler:
     return handler
 
 
+def sends_then_closes(*data: bytes, pause_s: float = 0.0) -> Handler:
+    """A handler that answers the first request with `data` (nothing: no
+    answer at all), then closes the connection."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(*data, pause_s=pause_s)
+
+    return handler
+
+
 def ok(body: bytes, *extra: str) -> bytes:
     """A 200 with a content-length body and extra raw header lines."""
     lines = ["HTTP/1.1 200 OK", f"content-length: {len(body)}", *extra]
@@ -200,6 +211,24 @@ def split_request(raw: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
 
 async def within(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, WAIT_S)
+
+
+async def go_stale(server: ScriptedServer, pool: Http1Pool, last: bytes = b"") -> None:
+    """Leave the pool one idle connection that the server closes once the
+    next request arrives on it, after sending `last` (nothing: the
+    keep-alive race, a request sent as the backend closes); connections
+    after it are answered with `second`."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(ok(b"first"))
+        await peer.read_request()
+        if last:
+            await peer.send(last)
+
+    server.handler = handler
+    await within((await post(pool, server.url)).read())
+    server.handler = answering(ok(b"second"))
 
 
 async def closed_before_answer(server: ScriptedServer, pool: Http1Pool, *, received: bool) -> None:
@@ -536,11 +565,7 @@ async def test_idle_connections_of_unused_origins_are_swept(server: ScriptedServ
 async def test_idle_connection_closed_by_server_is_replaced(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(ok(b"first"))  # keep-alive, then gone
-
-    server.handler = handler
+    server.handler = sends_then_closes(ok(b"first"))  # keep-alive, then gone
     await within((await post(pool, server.url)).read())
     # Let the client see the close while the connection is idle.
     await asyncio.sleep(0.05)
@@ -554,16 +579,7 @@ async def test_idle_connection_closed_by_server_is_replaced(
 async def test_request_on_connection_closed_as_it_was_sent_is_resent_once(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(ok(b"first"))
-        # The keep-alive race: the next request arrives as the backend
-        # closes the idle connection, unanswered.
-        await peer.read_request()
-
-    server.handler = handler
-    await within((await post(pool, server.url)).read())
-    server.handler = answering(ok(b"second"))
+    await go_stale(server, pool)
     response = await post(pool, server.url, body=b"payload")
     assert await within(response.read()) == b"second"
     assert server.accepted == 2
@@ -607,14 +623,7 @@ async def test_on_sent_runs_after_the_request_left_and_before_the_answer(
 async def test_on_sent_runs_again_when_a_stale_connection_is_replaced(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(ok(b"first"))
-        await peer.read_request()  # then closes, unanswered
-
-    server.handler = handler
-    await within((await post(pool, server.url)).read())
-    server.handler = answering(ok(b"second"))
+    await go_stale(server, pool)
     calls: list[int] = []
     response = await post(pool, server.url, on_sent=lambda: calls.append(server.accepted))
     assert await within(response.read()) == b"second"
@@ -624,14 +633,7 @@ async def test_on_sent_runs_again_when_a_stale_connection_is_replaced(
 async def test_request_answered_in_part_on_reused_connection_is_not_resent(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(ok(b"first"))
-        await peer.read_request()
-        await peer.send(b"HTTP/1.1 200 O")  # some bytes of an answer, then gone
-
-    server.handler = handler
-    await within((await post(pool, server.url)).read())
+    await go_stale(server, pool, last=b"HTTP/1.1 200 O")  # some bytes, then gone
     await closed_before_answer(server, pool, received=True)
 
 
@@ -700,11 +702,9 @@ async def test_content_length_body_streamed_with_chunk(
 async def test_body_until_close_is_read_whole_and_not_reused(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(b"HTTP/1.1 200 OK\r\nx-a: 1\r\n\r\npart one, ", b"part two", pause_s=0.02)
-
-    server.handler = handler
+    server.handler = sends_then_closes(
+        b"HTTP/1.1 200 OK\r\nx-a: 1\r\n\r\npart one, ", b"part two", pause_s=0.02
+    )
     response = await post(pool, server.url)
     assert await within(response.read()) == b"part one, part two"
     assert pool.open_connections == 0
@@ -714,11 +714,7 @@ async def test_body_until_close_is_read_whole_and_not_reused(
 async def test_body_until_close_streamed_with_chunk(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(b"HTTP/1.1 200 OK\r\n\r\nabc", b"def", pause_s=0.02)
-
-    server.handler = handler
+    server.handler = sends_then_closes(b"HTTP/1.1 200 OK\r\n\r\nabc", b"def", pause_s=0.02)
     response = await post(pool, server.url)
     assert await read_all(response) == b"abcdef"
     assert response.ended
@@ -870,21 +866,14 @@ async def test_keep_alive_and_framing_on_uvloop() -> None:
 async def test_close_before_answering_on_fresh_connection_is_not_retried(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-
-    server.handler = handler
+    server.handler = sends_then_closes()
     await closed_before_answer(server, pool, received=False)
 
 
 async def test_close_mid_body_fails_read_as_answered(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
-
-    server.handler = handler
+    server.handler = sends_then_closes(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
     response = await post(pool, server.url)
     with pytest.raises(ConnectionClosed) as info:
         await within(response.read())
@@ -897,11 +886,7 @@ async def test_close_mid_body_fails_read_as_answered(
 async def test_close_mid_chunked_body_fails_chunk_after_the_bytes_that_arrived(
     server: ScriptedServer, pool: Http1Pool
 ) -> None:
-    async def handler(peer: Peer) -> None:
-        await peer.read_request()
-        await peer.send(CHUNKED_HEAD + chunk(b"0123456789"))
-
-    server.handler = handler
+    server.handler = sends_then_closes(CHUNKED_HEAD + chunk(b"0123456789"))
     response = await post(pool, server.url)
     assert await within(response.chunk()) == b"0123456789"
     with pytest.raises(ConnectionClosed) as info:
