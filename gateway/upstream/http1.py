@@ -247,12 +247,8 @@ class _Connection(asyncio.Protocol):
         if deadline is not None:
             if loop.time() >= deadline:
                 raise TimeoutError
-            timer = self._timer
-            if timer is None or self._timer_at > deadline:
-                if timer is not None:
-                    timer.cancel()
-                self._timer = loop.call_at(deadline, self._on_timer)
-                self._timer_at = deadline
+            if self._timer is None or self._timer_at > deadline:
+                self._set_timer(deadline)
         waiter = self._waiter = loop.create_future()
         try:
             await waiter
@@ -269,8 +265,12 @@ class _Connection(asyncio.Protocol):
         if deadline <= self._timer_at:
             waiter.set_exception(TimeoutError())
         else:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
+            self._set_timer(deadline)
+
+    def _set_timer(self, deadline: float) -> None:
+        self._disarm()
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer_at = deadline
 
     def _disarm(self) -> None:
         if self._timer is not None:
